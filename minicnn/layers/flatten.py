@@ -1,0 +1,16 @@
+"""Flatten."""
+from __future__ import annotations
+
+from ..module import Module
+
+
+class Flatten(Module):
+    """(N, C, H, W) -> (N, C*H*W). Backward reshapes the gradient back."""
+
+    def forward(self, x):
+        self.save_for_backward(x.shape)
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_output):
+        (x_shape,) = self.saved_for_backward()
+        return grad_output.reshape(x_shape)

@@ -1,0 +1,69 @@
+"""Max pooling."""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..im2col import output_size, pad2d, pair
+from ..module import Module
+
+
+class MaxPool2d(Module):
+    """out[n, c, i, j] = max_{ky, kx} x_pad[n, c, i*sy + ky, j*sx + kx]   (padding is -inf)
+
+    Shapes: x (N, C, H, W) -> out (N, C, OH, OW), OH = (H + 2*py - kh) // sy + 1.
+    stride defaults to kernel_size. Windows may overlap (stride < kernel).
+
+    The max is taken over the kh*kw strided slices of the input, one slice per
+    kernel offset, remembering which offset won. Ties go to the first offset in
+    row-major order, as in PyTorch.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride if stride is not None else kernel_size, "stride")
+        self.padding = pair(padding, "padding")
+        kh, kw = self.kernel_size
+        if min(self.kernel_size) < 1 or min(self.stride) < 1:
+            raise ValueError(f"MaxPool2d: kernel_size and stride must be >= 1, got {self.kernel_size}, {self.stride}")
+        if self.padding[0] > kh // 2 or self.padding[1] > kw // 2:
+            raise ValueError(f"MaxPool2d: padding {self.padding} must be at most half the kernel {self.kernel_size}")
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def _windows(self, array, out_hw):
+        """Yield (offset index, strided view) for every kernel offset (ky, kx)."""
+        (kh, kw), (sy, sx), (oh, ow) = self.kernel_size, self.stride, out_hw
+        for ky in range(kh):
+            for kx in range(kw):
+                yield ky * kw + kx, array[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx]
+
+    def forward(self, x):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"MaxPool2d: expected input of shape (N, C, H, W), got shape {getattr(x, 'shape', type(x))}")
+        xp = get_array_module(x)
+        out_hw = output_size("MaxPool2d", x.shape[2:], self.kernel_size, self.stride, self.padding)
+        x_padded = pad2d(x, self.padding, value=-xp.inf)
+
+        out, argmax = None, None
+        for offset, window in self._windows(x_padded, out_hw):
+            if out is None:
+                out = window.copy()                                   # (N, C, OH, OW)
+                argmax = xp.zeros(out.shape, dtype=xp.int32)          # winning offset per output
+            else:
+                better = window > out
+                out = xp.where(better, window, out)
+                argmax = xp.where(better, offset, argmax).astype(xp.int32, copy=False)
+        self.save_for_backward(argmax, x.shape, out_hw)
+        return out
+
+    # Backward: the max passes its gradient to the one input that won, so for
+    # each kernel offset, grad_x[window] += grad_out where that offset won.
+    # Overlapping windows add up (+=, never =).
+    def backward(self, grad_output):
+        argmax, x_shape, out_hw = self.saved_for_backward()
+        xp = get_array_module(grad_output)
+        (py, px), (n, c, h, w) = self.padding, x_shape
+        grad_padded = xp.zeros((n, c, h + 2 * py, w + 2 * px), dtype=grad_output.dtype)
+        for offset, window in self._windows(grad_padded, out_hw):
+            window += xp.where(argmax == offset, grad_output, 0)
+        return grad_padded[:, :, py:py + h, px:px + w]

@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="minicnn-covidct",
+    version="0.1.0",
+    description="minicnn: a from-scratch NumPy/CuPy CNN engine; covidct: a COVID-19 lung-CT classifier built on it",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["minicnn", "minicnn.*", "covidct", "covidct.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.23",
+        "scipy>=1.9",
+        "pillow>=9.0",
+        "pandas>=1.5",
+        "tqdm>=4.60",
+        "matplotlib>=3.5",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "threadpoolctl>=3"],
+        "gpu": ["cupy-cuda12x"],
+    },
+)
