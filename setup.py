@@ -18,6 +18,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.5",
     ],
+    entry_points={"console_scripts": ["covidct = covidct.cli:main"]},
     extras_require={
         "test": ["pytest>=7", "threadpoolctl>=3"],
         "gpu": ["cupy-cuda12x"],

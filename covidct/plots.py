@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -137,10 +138,17 @@ def plot_history(history, path, title=None):
         for col in cols:
             y = df[col].to_numpy(dtype=np.float64)
             keep = np.isfinite(y)                       # e.g. validation every few epochs
-            style = "--" if str(col).lower().startswith("train") else "-"
-            ax.plot(x[keep], y[keep], style, marker="o", markersize=3, label=str(col))
+            low = str(col).lower()
+            if low.startswith("train"):
+                style = {"linestyle": "--", "color": "tab:blue"}
+            elif low.startswith("val"):
+                style = {"linestyle": "-", "color": "tab:orange"}
+            else:
+                style = {"linestyle": "-"}
+            ax.plot(x[keep], y[keep], marker="o", markersize=3, label=str(col), **style)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:

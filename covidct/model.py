@@ -1,0 +1,115 @@
+"""The two-conv / three-FC classifier family, built from minicnn layers.
+
+    conv -> ReLU -> max-pool -> conv -> ReLU -> max-pool -> FC -> ReLU -> FC -> ReLU -> FC(2)
+
+A ``ModelConfig`` describes one member of the family; it is stored in every
+checkpoint as JSON, so a checkpoint rebuilds its exact model with no flags.
+
+Presets:
+  seed     the 2020 report's CNNv3 exactly: 1x224x224, conv 1->32 3x3 pad 1, pool 2,
+           conv 32->64 3x3, pool 2, FC 64*55*55 = 193,600 -> 1000 -> 500 -> 2
+           (~194M parameters: their checkpoints were over 700 MB). Slow; for reproduction.
+  default  the same family sized for CPU training and accuracy: 128x128 input, a
+           strided first conv and a 4x4 second pool before the FC block, dropout.
+  tiny     a very small member for tests and smoke runs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+import minicnn as mc
+
+from .errors import CovidCTError
+
+
+@dataclass
+class ConvBlock:
+    """conv(out_channels, kernel, stride, padding) -> ReLU -> max-pool(pool)."""
+    out_channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    pool: int = 2
+
+
+@dataclass
+class ModelConfig:
+    input_size: int = 128
+    in_channels: int = 1
+    conv1: ConvBlock = field(default_factory=lambda: ConvBlock(16, kernel=5, stride=2, padding=2, pool=2))
+    conv2: ConvBlock = field(default_factory=lambda: ConvBlock(32, kernel=3, stride=1, padding=1, pool=4))
+    hidden: tuple[int, int] = (128, 64)
+    dropout: float = 0.5
+    num_classes: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise CovidCTError(f"model config has unknown fields {sorted(unknown)}; expected {sorted(known)}")
+        data = dict(data)
+        for name in ("conv1", "conv2"):
+            if isinstance(data.get(name), dict):
+                data[name] = ConvBlock(**data[name])
+        if "hidden" in data:
+            data["hidden"] = tuple(data["hidden"])
+        return cls(**data)
+
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) after the two conv blocks, i.e. what the FC block sees."""
+        size = self.input_size
+        for block in (self.conv1, self.conv2):
+            size = (size + 2 * block.padding - block.kernel) // block.stride + 1
+            size //= block.pool
+            if size < 1:
+                raise CovidCTError(f"input size {self.input_size} is too small for this network: "
+                                   f"the feature map shrinks to nothing")
+        return self.conv2.out_channels, size, size
+
+
+PRESETS = {
+    "seed": ModelConfig(input_size=224, conv1=ConvBlock(32, 3, 1, 1, 2), conv2=ConvBlock(64, 3, 1, 0, 2),
+                        hidden=(1000, 500), dropout=0.0),
+    "default": ModelConfig(),
+    "tiny": ModelConfig(input_size=32, conv1=ConvBlock(4, 3, 1, 1, 2), conv2=ConvBlock(8, 3, 1, 1, 2),
+                        hidden=(16, 8), dropout=0.0),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise CovidCTError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig.from_dict(PRESETS[name].to_dict())  # a fresh copy
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> mc.Sequential:
+    """The network for ``config``, weights drawn from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    c1, c2 = config.conv1, config.conv2
+    channels, height, width = config.feature_shape()
+    first_conv = mc.Conv2d(config.in_channels, c1.out_channels, c1.kernel, c1.stride, c1.padding, rng=rng)
+    first_conv.needs_input_grad = False  # the image itself needs no gradient
+    layers = [
+        first_conv, mc.ReLU(), mc.MaxPool2d(c1.pool),
+        mc.Conv2d(c1.out_channels, c2.out_channels, c2.kernel, c2.stride, c2.padding, rng=rng), mc.ReLU(),
+        mc.MaxPool2d(c2.pool),
+        mc.Flatten(),
+        mc.Linear(channels * height * width, config.hidden[0], rng=rng), mc.ReLU(),
+    ]
+    if config.dropout:
+        layers.append(mc.Dropout(config.dropout, rng=rng))
+    layers += [mc.Linear(config.hidden[0], config.hidden[1], rng=rng), mc.ReLU()]
+    if config.dropout:
+        layers.append(mc.Dropout(config.dropout, rng=rng))
+    layers.append(mc.Linear(config.hidden[1], config.num_classes, rng=rng))
+    return mc.Sequential(*layers)
+
+
+def count_parameters(model: mc.Module) -> int:
+    return sum(int(np.prod(p.shape)) for p in model.parameters())

@@ -1,0 +1,74 @@
+"""Predict: P(COVID) for image files, with exactly the checkpoint's preprocessing."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import CLASS_NAMES
+from .checkpoint import load_checkpoint
+from .errors import CovidCTError
+from .evaluate import predict_proba
+from .preprocess import Preprocess, load_image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+def collect_images(paths) -> list[Path]:
+    """Files as given, and image files found recursively in directories (sorted)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise CovidCTError(f"{path}: no such file or directory")
+    if not found:
+        raise CovidCTError(f"no image files found in {', '.join(map(str, paths))}")
+    return found
+
+
+def predict_files(checkpoint, paths, device: str = "cpu", batch_size: int = 32):
+    """-> (rows, failures). rows: dicts(file, p_covid, label); failures: (file, reason).
+
+    An unreadable file is reported in ``failures`` and never stops the others.
+    """
+    model, meta = load_checkpoint(checkpoint, device)
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    threshold = float(meta.get("threshold", 0.5))
+    images, good, failures = [], [], []
+    for path in collect_images(paths):
+        try:
+            images.append(load_image(path, preprocess))
+            good.append(path)
+        except CovidCTError as error:
+            failures.append((str(path), str(error)))
+    rows = []
+    if images:
+        scores = predict_proba(model, np.stack(images), mean, std, batch_size=batch_size, device=device)
+        rows = [{"file": str(path), "p_covid": float(score), "label": CLASS_NAMES[int(score >= threshold)]}
+                for path, score in zip(good, scores)]
+    return rows, failures, threshold
+
+
+def format_table(rows) -> str:
+    width = max([len("file")] + [len(row["file"]) for row in rows])
+    lines = [f"{'file':<{width}}  P(COVID)  label", f"{'-' * width}  --------  ---------"]
+    lines += [f"{row['file']:<{width}}  {row['p_covid']:8.4f}  {row['label']}" for row in rows]
+    return "\n".join(lines)
+
+
+def write_rows(rows, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["file", "p_covid", "label"])
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,317 @@
+"""Training: epochs of mini-batch gradient descent, validation, checkpoints, resume.
+
+A run directory holds everything a run produces:
+
+    config.json      the TrainConfig used
+    last.npz         resumable checkpoint of the last completed epoch (weights, optimizer, RNG)
+    best.npz         the best epoch by the selection metric (default: validation AUC)
+    history.csv      per-epoch train/val loss, accuracy, AUC, sensitivity, specificity, lr
+    curves.png       training curves
+    metrics.json, predictions.csv, roc.png, confusion.png   best model on the validation split
+
+``--resume RUN_DIR`` continues from last.npz; Ctrl-C or ``kill -9`` lose at most
+the epoch in progress. A NaN/inf loss stops the run with a clear message and
+leaves the last good checkpoint in place.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+import minicnn as mc
+
+from .augment import parse_augment
+from .checkpoint import read_checkpoint, save_checkpoint
+from .data import read_dataset
+from .errors import CovidCTError
+from .evaluate import choose_threshold, predict_proba, report_text, write_evaluation
+from .loader import DataLoader
+from .metrics import classification_metrics
+from .model import ModelConfig, build_model, count_parameters, preset
+from .preprocess import Preprocess, compute_normalization, load_images
+
+SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""                      # dataset root / CSV / class folders
+    out: str = "runs/covidct"           # run directory
+    model: str = "default"              # preset name (covidct.model.PRESETS)
+    image_size: int | None = None       # None: the preset's input size
+    epochs: int = 40
+    batch_size: int = 32
+    optimizer: str = "adam"             # sgd | adam | adamw
+    lr: float = 1e-3
+    momentum: float = 0.9               # SGD only
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"            # none | step | cosine
+    warmup_epochs: int = 2
+    step_epochs: int = 15               # step schedule: lr *= 0.1 every step_epochs
+    class_weights: str = "balanced"     # balanced | none | "w0,w1"
+    augment: str = "flip,rotate:10,translate:0.06,contrast:0.15,crop:0.85"
+    seed: int = 0
+    device: str = "cpu"
+    select: str = "auc"                 # selection metric on the validation split
+    patience: int = 15                  # early stopping: epochs without improvement
+    target_sensitivity: float | None = None  # choose the threshold on val to reach this sensitivity
+    train_split: str = "train"
+    val_split: str = "val"
+    cache_dir: str | None = None
+    skip_bad: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.optimizer in ("sgd", "adam", "adamw"), f"--optimizer must be sgd, adam or adamw, got {self.optimizer!r}"),
+            (self.schedule in ("none", "step", "cosine"), f"--schedule must be none, step or cosine, got {self.schedule!r}"),
+            (self.select in SELECT_METRICS, f"--select must be one of {SELECT_METRICS}, got {self.select!r}"),
+            (self.device in ("cpu", "gpu"), f"--device must be cpu or gpu, got {self.device!r}"),
+            (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
+             f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CovidCTError(message)
+        if self.device == "gpu" and not mc.gpu_available():
+            raise CovidCTError(f"--device gpu: {mc.backend.gpu_status()[1]}")
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Linear warm-up over warmup_epochs, then constant, step (x0.1) or cosine decay to 1% of lr."""
+    if epoch < config.warmup_epochs:
+        return config.lr * (epoch + 1) / (config.warmup_epochs + 1)
+    if config.schedule == "step":
+        return config.lr * 0.1 ** ((epoch - config.warmup_epochs) // config.step_epochs)
+    if config.schedule == "cosine":
+        span = max(1, config.epochs - config.warmup_epochs)
+        progress = (epoch - config.warmup_epochs) / span
+        return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return config.lr
+
+
+def class_weights(spec: str, labels: np.ndarray) -> list[float] | None:
+    """'balanced' -> N / (2 * n_k) per class; 'none' -> None; 'w0,w1' -> as given."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        counts = np.bincount(labels, minlength=2)
+        if counts.min() == 0:
+            raise CovidCTError(f"the training split has an empty class (counts {counts.tolist()})")
+        return [len(labels) / (2.0 * c) for c in counts]
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 2 or min(weights) <= 0:
+        raise CovidCTError(f"--class-weights must be 'balanced', 'none' or two positive numbers 'w0,w1', got {spec!r}")
+    return weights
+
+
+def make_optimizer(config: TrainConfig, params):
+    if config.optimizer == "sgd":
+        return mc.optim.SGD(params, config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                            weight_decay=config.weight_decay)
+    optimizer_cls = mc.optim.Adam if config.optimizer == "adam" else mc.optim.AdamW
+    return optimizer_cls(params, config.lr, weight_decay=config.weight_decay)
+
+
+def model_config_for(config: TrainConfig) -> ModelConfig:
+    model_config = preset(config.model)
+    if config.image_size:
+        model_config.input_size = config.image_size
+    model_config.feature_shape()  # fails early, with a sentence, if the size is too small
+    return model_config
+
+
+def load_split(config: TrainConfig, split: str, preprocess: Preprocess):
+    """-> images (N, 1, H, W) float32 in [0, 1], labels (N,), paths."""
+    dataset = read_dataset(config.data, split=split)
+    return load_images(dataset, preprocess, cache_dir=config.cache_dir, skip_bad=config.skip_bad,
+                       progress=config.progress)
+
+
+def dropout_rngs(model):
+    return [layer.rng for layer in model.modules() if isinstance(layer, mc.Dropout)]
+
+
+class Trainer:
+    """Owns one run: data, model, optimizer, history, and the run directory."""
+
+    def __init__(self, config: TrainConfig, log=print):
+        config.validate()
+        self.config, self.log = config, log
+        self.run_dir = Path(config.out)
+        self.model_config = model_config_for(config)
+        self.preprocess = Preprocess(size=self.model_config.input_size)
+
+        self.train_images, self.train_labels, self.train_paths = load_split(config, config.train_split, self.preprocess)
+        self.val_images, self.val_labels, self.val_paths = load_split(config, config.val_split, self.preprocess)
+        self.mean, self.std = compute_normalization(self.train_images)  # training split only
+
+        self.model = build_model(self.model_config, seed=config.seed).to(config.device)
+        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.criterion = mc.SoftmaxCrossEntropy(class_weights(config.class_weights, self.train_labels))
+        self.augment = parse_augment(config.augment)
+        self.loader = DataLoader(self.train_images, self.train_labels, config.batch_size, shuffle=True,
+                                 drop_last=len(self.train_images) > config.batch_size, seed=config.seed,
+                                 augment=self.augment, device=config.device, normalize=(self.mean, self.std))
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.best_key = None
+        self.stale_epochs = 0
+
+    # -- checkpoints ---------------------------------------------------------------
+    def metadata(self, epoch: int, threshold: float = 0.5, metrics=None) -> dict:
+        return {
+            "model_config": self.model_config.to_dict(),
+            "preprocess": self.preprocess.to_dict(),
+            "normalization": {"mean": self.mean, "std": self.std},
+            "threshold": threshold,
+            "train_config": asdict(self.config),
+            "augment": str(self.augment),
+            "epoch": epoch,
+            "history": self.history,
+            "best_key": self.best_key,
+            "stale_epochs": self.stale_epochs,
+            "metrics": metrics or {},
+            "rng_states": [rng.bit_generator.state for rng in dropout_rngs(self.model)],
+        }
+
+    def resume(self) -> None:
+        last = self.run_dir / "last.npz"
+        model_arrays, optimizer_arrays, meta = read_checkpoint(last)
+        if meta["model_config"] != self.model_config.to_dict():
+            raise CovidCTError(f"{last}: saved with a different model config; resume with the run's own options")
+        self.model.load_state_dict(model_arrays)
+        self.optimizer.load_state_dict(optimizer_arrays)
+        for rng, state in zip(dropout_rngs(self.model), meta["rng_states"]):
+            rng.bit_generator.state = state
+        self.history, self.best_key = meta["history"], meta["best_key"]
+        self.stale_epochs, self.start_epoch = meta["stale_epochs"], meta["epoch"] + 1
+        self.log(f"resuming {self.run_dir} after epoch {meta['epoch'] + 1}")
+
+    # -- one epoch ---------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        self.loader.set_epoch(epoch)
+        total_loss, correct, seen = 0.0, 0, 0
+        batches = self.loader
+        if self.config.progress:
+            from tqdm import tqdm
+            batches = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False, unit="batch")
+        for batch_index, (x, y) in enumerate(batches):
+            self.optimizer.zero_grad()
+            logits = self.model(x)
+            loss = float(self.criterion(logits, y))
+            if not math.isfinite(loss):
+                raise CovidCTError(
+                    f"training diverged at epoch {epoch + 1}, batch {batch_index + 1}: loss is {loss}; "
+                    f"the last good checkpoint is {self.run_dir / 'last.npz'}; try a lower --lr")
+            self.model.backward(self.criterion.backward())
+            self.optimizer.step()
+            batch_correct = int((mc.as_numpy(logits).argmax(axis=1) == mc.as_numpy(y)).sum())
+            total_loss, correct, seen = total_loss + loss * len(y), correct + batch_correct, seen + len(y)
+            if self.config.progress:
+                batches.set_postfix(loss=f"{loss:.3f}", acc=f"{batch_correct / len(y):.2f}")
+        return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
+
+    def validate(self) -> tuple[dict, np.ndarray]:
+        scores = predict_proba(self.model, self.val_images, self.mean, self.std, device=self.config.device)
+        metrics = classification_metrics(self.val_labels, scores, 0.5)
+        eps = 1e-7
+        p_true = np.where(self.val_labels == 1, scores, 1 - scores)
+        val_loss = float(-np.mean(np.log(np.clip(p_true, eps, 1.0))))
+        return {"val_loss": val_loss, "val_accuracy": metrics["accuracy"], "val_auc": metrics["auc"],
+                "val_sensitivity": metrics["sensitivity"], "val_specificity": metrics["specificity"],
+                "val_balanced_accuracy": metrics["balanced_accuracy"]}, scores
+
+    def selection_key(self, row: dict) -> list[float]:
+        """Larger is better; ties on the metric are broken by the lower validation loss."""
+        value = -row["val_loss"] if self.config.select == "loss" else row[f"val_{self.config.select}"]
+        value = -math.inf if value is None or not math.isfinite(value) else value
+        return [value, -row["val_loss"]]
+
+    # -- the whole run --------------------------------------------------------------------
+    def fit(self) -> dict:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        self.log(f"{len(self.train_images)} training / {len(self.val_images)} validation images at "
+                 f"{self.preprocess.size}x{self.preprocess.size}; model '{config.model}' with "
+                 f"{count_parameters(self.model):,} parameters; device {config.device}")
+        for epoch in range(self.start_epoch, config.epochs):
+            if self.stale_epochs >= config.patience:
+                self.log(f"early stop: no improvement in {config.patience} epochs")
+                break
+            self.optimizer.lr = learning_rate(config, epoch)
+            started = time.perf_counter()
+            row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.train_epoch(epoch)}
+            val_row, _ = self.validate()
+            row.update(val_row, seconds=time.perf_counter() - started)
+            self.history.append(row)
+            key = self.selection_key(row)
+            improved = self.best_key is None or key > self.best_key
+            if improved:
+                self.best_key, self.stale_epochs = key, 0
+                save_checkpoint(self.run_dir / "best.npz", self.model, self.metadata(epoch))
+            else:
+                self.stale_epochs += 1
+            save_checkpoint(self.run_dir / "last.npz", self.model, self.metadata(epoch), self.optimizer)
+            self.write_history()
+            self.log(f"epoch {epoch + 1:3d}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                     f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f}  "
+                     f"acc {row['val_accuracy']:.3f}  AUC {_fmt(row['val_auc'])}  "
+                     f"sens {_fmt(row['val_sensitivity'])}  spec {_fmt(row['val_specificity'])}  "
+                     f"({row['seconds']:.1f}s){'  *' if improved else ''}")
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Reload the best epoch, choose its threshold on val, write the evaluation files."""
+        from .checkpoint import load_checkpoint
+
+        best_path = self.run_dir / "best.npz"
+        model, meta = load_checkpoint(best_path, self.config.device)
+        scores = predict_proba(model, self.val_images, self.mean, self.std, device=self.config.device)
+        threshold = choose_threshold(self.val_labels, scores, self.config.target_sensitivity)
+        metrics = write_evaluation(self.run_dir, self.val_labels, scores, self.val_paths, threshold,
+                                   title=f"validation, best epoch {meta['epoch'] + 1}")
+        meta.update(threshold=threshold, metrics={"val": metrics["threshold"]})
+        save_checkpoint(best_path, model, meta)
+        self.log(report_text(self.val_labels, scores, threshold, f"validation split, best epoch {meta['epoch'] + 1}"))
+        return {"best_epoch": meta["epoch"] + 1, "threshold": threshold, "val": metrics["threshold"],
+                "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(self.run_dir)}
+
+    def write_history(self) -> None:
+        import pandas as pd
+
+        from .plots import plot_history
+
+        frame = pd.DataFrame(self.history)
+        frame.to_csv(self.run_dir / "history.csv", index=False)
+        plot_history(frame[[c for c in frame.columns if c not in ("lr", "seconds")]], self.run_dir / "curves.png")
+
+
+def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
+    """Train (or resume) a run; returns the best epoch's validation summary."""
+    trainer = Trainer(config, log=log)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
