@@ -78,7 +78,7 @@ PRESETS = {
                         hidden=(1000, 500), dropout=0.0),
     "default": ModelConfig(),
     "tiny": ModelConfig(input_size=32, conv1=ConvBlock(4, 3, 1, 1, 2), conv2=ConvBlock(8, 3, 1, 1, 2),
-                        hidden=(16, 8), dropout=0.0),
+                        hidden=(16, 8), dropout=0.1),
 }
 
 

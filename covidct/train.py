@@ -194,7 +194,7 @@ class Trainer:
     def resume(self) -> None:
         last = self.run_dir / "last.npz"
         model_arrays, optimizer_arrays, meta = read_checkpoint(last)
-        if meta["model_config"] != self.model_config.to_dict():
+        if meta["model_config"] != json.loads(json.dumps(self.model_config.to_dict())):
             raise CovidCTError(f"{last}: saved with a different model config; resume with the run's own options")
         self.model.load_state_dict(model_arrays)
         self.optimizer.load_state_dict(optimizer_arrays)

@@ -40,7 +40,7 @@ class SoftmaxCrossEntropy(Module):
             sample_weight = (one_hot * class_weight).sum(axis=1)                # w[y_n]
             sample_weight = sample_weight / sample_weight.sum()
         self.save_for_backward(xp.exp(log_probs), one_hot, sample_weight)
-        return (sample_weight * nll).sum()
+        return xp.asarray((sample_weight * nll).sum())  # 0-d array, as CuPy gives
 
     # Backward: d(-log p[n, y_n]) / dz[n, k] = p[n, k] - [k == y_n], so with the
     # normalised sample weights a_n = w[y_n] / sum_m w[y_m]:

@@ -53,11 +53,11 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """{'step', 'lr', '<i>.<buffer>' ...}: all NumPy arrays."""
+        """{'step', 'lr', '<i>.<buffer>' ...}: NumPy copies, safe to keep while training goes on."""
         state = {"step": np.array(self.step_count), "lr": np.array(self.lr)}
         for index, buffers in enumerate(self.state):
-            for name, array in buffers.items():
-                state[f"{index}.{name}"] = as_numpy(array)
+            for name, value in buffers.items():
+                state[f"{index}.{name}"] = np.array(as_numpy(value))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -69,6 +69,9 @@ class Optimizer:
                 continue
             index, name = key.split(".", 1)
             param = self.params[int(index)]
+            if name == "step":  # a per-parameter step count (Adam)
+                self.state[int(index)][name] = int(array)
+                continue
             if tuple(array.shape) != tuple(param.data.shape):
                 raise ValueError(f"{type(self).__name__}.load_state_dict: state '{key}' has shape "
                                  f"{tuple(array.shape)}, parameter has {tuple(param.data.shape)}")
@@ -123,12 +126,13 @@ class Adam(Optimizer):
         elif weight_decay:
             grad = grad + weight_decay * param.data
         xp = get_array_module(param.data)
+        state = self.state[index]
+        state["step"] = t = state.get("step", 0) + 1   # steps this parameter took (it may skip some)
         exp_avg, exp_avg_sq = self.buffer(index, "exp_avg"), self.buffer(index, "exp_avg_sq")
         exp_avg *= beta1
         exp_avg += (1.0 - beta1) * grad
         exp_avg_sq *= beta2
         exp_avg_sq += (1.0 - beta2) * grad * grad
-        t = self.step_count
         step_size = self.lr / (1.0 - beta1 ** t)
         denominator = xp.sqrt(exp_avg_sq) / math.sqrt(1.0 - beta2 ** t) + eps
         param.data -= step_size * exp_avg / denominator
