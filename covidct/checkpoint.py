@@ -17,7 +17,7 @@ from minicnn import serialization
 
 from . import CLASS_NAMES, __version__
 from .errors import CovidCTError
-from .model import ModelConfig, build_model
+from .model import build_model, config_from_dict
 
 FORMAT = "covidct-checkpoint-1"
 
@@ -56,7 +56,7 @@ def read_checkpoint(path) -> tuple[dict, dict, dict]:
 def load_checkpoint(path, device: str = "cpu") -> tuple[mc.Module, dict]:
     """Rebuild the model stored in ``path`` (in eval mode) -> (model, metadata)."""
     model_arrays, _, metadata = read_checkpoint(path)
-    config = ModelConfig.from_dict(metadata["model_config"])
+    config = config_from_dict(metadata["model_config"])
     model = build_model(config)
     try:
         model.load_state_dict(model_arrays)

@@ -73,23 +73,61 @@ class ModelConfig:
         return self.conv2.out_channels, size, size
 
 
+@dataclass
+class DeepConfig:
+    """A deeper plain conv stack with global average pooling (not the two-conv family):
+
+        [conv3x3 -> ReLU -> max-pool 2] x len(channels) -> global avg pool -> FC -> ReLU -> FC(2)
+    """
+    input_size: int = 128
+    in_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    hidden: int = 64
+    dropout: float = 0.3
+    num_classes: int = 2
+    arch: str = "deep"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def feature_shape(self) -> tuple[int, int, int]:
+        size = self.input_size
+        for _ in self.channels:
+            size //= 2
+            if size < 1:
+                raise CovidCTError(f"input size {self.input_size} is too small for this network: "
+                                   f"the feature map shrinks to nothing")
+        return self.channels[-1], 1, 1
+
+
 PRESETS = {
     "seed": ModelConfig(input_size=224, conv1=ConvBlock(32, 3, 1, 1, 2), conv2=ConvBlock(64, 3, 1, 0, 2),
                         hidden=(1000, 500), dropout=0.0),
     "default": ModelConfig(),
+    "deep": DeepConfig(),
     "tiny": ModelConfig(input_size=32, conv1=ConvBlock(4, 3, 1, 1, 2), conv2=ConvBlock(8, 3, 1, 1, 2),
                         hidden=(16, 8), dropout=0.1),
 }
 
 
-def preset(name: str) -> ModelConfig:
+def preset(name: str):
     if name not in PRESETS:
         raise CovidCTError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig.from_dict(PRESETS[name].to_dict())  # a fresh copy
+    return config_from_dict(PRESETS[name].to_dict())  # a fresh copy
 
 
-def build_model(config: ModelConfig, seed: int = 0) -> mc.Sequential:
+def config_from_dict(data: dict):
+    """ModelConfig or DeepConfig, from the dict stored in a checkpoint."""
+    if data.get("arch") == "deep":
+        data = dict(data, channels=tuple(data["channels"]))
+        return DeepConfig(**data)
+    return ModelConfig.from_dict(data)
+
+
+def build_model(config, seed: int = 0) -> mc.Sequential:
     """The network for ``config``, weights drawn from ``numpy.random.default_rng(seed)``."""
+    if isinstance(config, DeepConfig):
+        return build_deep(config, seed)
     rng = np.random.default_rng(seed)
     c1, c2 = config.conv1, config.conv2
     channels, height, width = config.feature_shape()
@@ -108,6 +146,21 @@ def build_model(config: ModelConfig, seed: int = 0) -> mc.Sequential:
     if config.dropout:
         layers.append(mc.Dropout(config.dropout, rng=rng))
     layers.append(mc.Linear(config.hidden[1], config.num_classes, rng=rng))
+    return mc.Sequential(*layers)
+
+
+def build_deep(config: DeepConfig, seed: int = 0) -> mc.Sequential:
+    rng = np.random.default_rng(seed)
+    config.feature_shape()
+    layers, in_channels = [], config.in_channels
+    for out_channels in config.channels:
+        layers += [mc.Conv2d(in_channels, out_channels, 3, padding=1, rng=rng), mc.ReLU(), mc.MaxPool2d(2)]
+        in_channels = out_channels
+    layers[0].needs_input_grad = False
+    layers += [mc.AdaptiveAvgPool2d(1), mc.Flatten(), mc.Linear(in_channels, config.hidden, rng=rng), mc.ReLU()]
+    if config.dropout:
+        layers.append(mc.Dropout(config.dropout, rng=rng))
+    layers.append(mc.Linear(config.hidden, config.num_classes, rng=rng))
     return mc.Sequential(*layers)
 
 

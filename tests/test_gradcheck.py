@@ -167,3 +167,9 @@ def test_function_form_and_numerical_gradient():
     assert max(errors.values()) <= RTOL
     a = np.array([1.0, 2.0])
     np.testing.assert_allclose(numerical_gradient(lambda: float(np.sum(a ** 2)), a), 2 * a, rtol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 4, 5)])
+def test_adaptive_avg_pool2d_gradients(shape):
+    x = np.random.default_rng(0).standard_normal(shape)
+    assert check_module(mc.AdaptiveAvgPool2d(1), x)["input"] <= RTOL

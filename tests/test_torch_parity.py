@@ -244,6 +244,12 @@ def test_flatten_matches_torch(shape):
     compare_layer(minicnn.Flatten(), torch.nn.Flatten(), x, params=())
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 4, 5), (3, 2, 7, 3)])
+def test_adaptive_avg_pool2d_matches_torch(shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    compare_layer(minicnn.AdaptiveAvgPool2d(1), torch.nn.AdaptiveAvgPool2d(1), x, params=())
+
+
 # -- SoftmaxCrossEntropy ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("n, k", [(1, 2), (5, 3), (16, 10)])

@@ -4,7 +4,7 @@ from .conv import Conv2d
 from .dropout import Dropout
 from .flatten import Flatten
 from .linear import Linear
-from .pool import MaxPool2d
+from .pool import AdaptiveAvgPool2d, MaxPool2d
 from ..module import Sequential
 
-__all__ = ["Conv2d", "MaxPool2d", "ReLU", "Linear", "Flatten", "Dropout", "Sequential"]
+__all__ = ["Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "ReLU", "Linear", "Flatten", "Dropout", "Sequential"]

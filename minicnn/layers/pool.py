@@ -67,3 +67,33 @@ class MaxPool2d(Module):
         for offset, window in self._windows(grad_padded, out_hw):
             window += xp.where(argmax == offset, grad_output, 0)
         return grad_padded[:, :, py:py + h, px:px + w]
+
+
+class AdaptiveAvgPool2d(Module):
+    """Global average pooling: out[n, c, 0, 0] = mean_{i, j} x[n, c, i, j].
+
+    Shapes: x (N, C, H, W) -> out (N, C, 1, 1). Only output_size=1 (the global
+    average, as used before a classifier head) is supported.
+    """
+
+    def __init__(self, output_size=1):
+        if pair(output_size, "output_size") != (1, 1):
+            raise ValueError(f"AdaptiveAvgPool2d: only output_size=1 is supported, got {output_size!r}")
+        self.output_size = (1, 1)
+
+    def extra_repr(self):
+        return "output_size=1"
+
+    def forward(self, x):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"AdaptiveAvgPool2d: expected input of shape (N, C, H, W), got shape {getattr(x, 'shape', type(x))}")
+        self.save_for_backward(x.shape)
+        return x.mean(axis=(2, 3), keepdims=True)
+
+    # Backward: every input pixel contributes 1/(H*W) to its channel's mean, so
+    # grad_x[n, c, i, j] = grad_out[n, c, 0, 0] / (H*W), broadcast over (i, j).
+    def backward(self, grad_output):
+        (x_shape,) = self.saved_for_backward()
+        xp = get_array_module(grad_output)
+        h, w = x_shape[2:]
+        return xp.broadcast_to(grad_output / (h * w), x_shape).copy()
