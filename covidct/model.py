@@ -75,15 +75,16 @@ class ModelConfig:
 
 @dataclass
 class DeepConfig:
-    """A deeper plain conv stack with global average pooling (not the two-conv family):
+    """A deeper conv stack with global average pooling (not the two-conv family):
 
-        [conv3x3 -> ReLU -> max-pool 2] x len(channels) -> global avg pool -> FC -> ReLU -> FC(2)
+        [conv3x3 -> BatchNorm -> ReLU -> max-pool 2] x len(channels) -> global avg pool -> FC -> ReLU -> FC(2)
     """
     input_size: int = 128
     in_channels: int = 1
     channels: tuple[int, ...] = (16, 32, 64, 128)
     hidden: int = 64
     dropout: float = 0.3
+    batchnorm: bool = True
     num_classes: int = 2
     arch: str = "deep"
 
@@ -154,7 +155,10 @@ def build_deep(config: DeepConfig, seed: int = 0) -> mc.Sequential:
     config.feature_shape()
     layers, in_channels = [], config.in_channels
     for out_channels in config.channels:
-        layers += [mc.Conv2d(in_channels, out_channels, 3, padding=1, rng=rng), mc.ReLU(), mc.MaxPool2d(2)]
+        layers.append(mc.Conv2d(in_channels, out_channels, 3, padding=1, bias=not config.batchnorm, rng=rng))
+        if config.batchnorm:
+            layers.append(mc.BatchNorm2d(out_channels))
+        layers += [mc.ReLU(), mc.MaxPool2d(2)]
         in_channels = out_channels
     layers[0].needs_input_grad = False
     layers += [mc.AdaptiveAvgPool2d(1), mc.Flatten(), mc.Linear(in_channels, config.hidden, rng=rng), mc.ReLU()]

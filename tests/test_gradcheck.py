@@ -173,3 +173,16 @@ def test_function_form_and_numerical_gradient():
 def test_adaptive_avg_pool2d_gradients(shape):
     x = np.random.default_rng(0).standard_normal(shape)
     assert check_module(mc.AdaptiveAvgPool2d(1), x)["input"] <= RTOL
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 3), (4, 3, 5, 6)])
+def test_batchnorm2d_gradients(train, shape):
+    rng = np.random.default_rng(0)
+    bn = mc.BatchNorm2d(shape[1])
+    bn.weight.data[:] = rng.uniform(0.5, 2.0, shape[1])
+    bn.bias.data[:] = rng.standard_normal(shape[1])
+    bn.running_mean[:], bn.running_var[:] = 0.3, 2.0
+    bn.train(train)
+    errors = check_module(bn, rng.standard_normal(shape))
+    assert set(errors) == {"input", "weight", "bias"} and max(errors.values()) <= RTOL

@@ -17,9 +17,9 @@ from fake_device import HostLeakError, device_xp, on_fake_device, to_fake_device
 
 def small_net(rng):
     return mc.Sequential(
-        mc.Conv2d(1, 3, 3, padding=1, rng=rng), mc.ReLU(), mc.MaxPool2d(2),
+        mc.Conv2d(1, 3, 3, padding=1, rng=rng), mc.BatchNorm2d(3), mc.ReLU(), mc.MaxPool2d(2),
         mc.Conv2d(3, 4, (3, 2), stride=(1, 2), rng=rng), mc.ReLU(), mc.MaxPool2d(3, 1, 1),
-        mc.Flatten(), mc.Dropout(0.3, rng=np.random.default_rng(5)), mc.Linear(4 * 3 * 3, 6, rng=rng), mc.ReLU(),
+        mc.AdaptiveAvgPool2d(1), mc.Flatten(), mc.Dropout(0.3, rng=np.random.default_rng(5)), mc.Linear(4, 6, rng=rng), mc.ReLU(),
         mc.Linear(6, 2, rng=rng))
 
 

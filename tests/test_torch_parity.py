@@ -250,6 +250,29 @@ def test_adaptive_avg_pool2d_matches_torch(shape):
     compare_layer(minicnn.AdaptiveAvgPool2d(1), torch.nn.AdaptiveAvgPool2d(1), x, params=())
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (8, 1, 3, 3), (1, 4, 6, 2)])
+def test_batchnorm2d_matches_torch_in_train_and_eval_mode(shape):
+    rng = np.random.default_rng(0)
+    layer, torch_layer = minicnn.BatchNorm2d(shape[1], momentum=0.2), torch.nn.BatchNorm2d(shape[1], momentum=0.2)
+    layer.weight.data[:] = rng.uniform(0.5, 2.0, shape[1])
+    layer.bias.data[:] = rng.standard_normal(shape[1])
+    with torch.no_grad():
+        torch_layer.weight.copy_(t(layer.weight.data))
+        torch_layer.bias.copy_(t(layer.bias.data))
+    for _ in range(2):  # train mode: batch statistics, running statistics updated
+        x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+        layer.zero_grad()
+        torch_layer.zero_grad()
+        compare_layer(layer, torch_layer, x)
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(layer, name), getattr(torch_layer, name), what=name)
+    assert int(layer.num_batches_tracked) == int(torch_layer.num_batches_tracked) == 2
+    assert list(layer.state_dict()) == list(torch_layer.state_dict())
+    layer.eval(), torch_layer.eval()
+    layer.zero_grad(), torch_layer.zero_grad()
+    compare_layer(layer, torch_layer, rng.standard_normal(shape).astype(np.float32))
+
+
 # -- SoftmaxCrossEntropy ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("n, k", [(1, 2), (5, 3), (16, 10)])

@@ -64,7 +64,9 @@ class Conv2d(Module):
         f = self.out_channels
         grad_matrix = grad_output.transpose(1, 0, 2, 3).reshape(f, -1)               # (F, N*OH*OW)
 
-        self.weight.accumulate_grad((grad_matrix @ col_matrix.T).reshape(self.weight.data.shape))
+        # G @ col.T computed as (col @ G.T).T: the same numbers, but BLAS is far faster
+        # with the long N*OH*OW axis as the inner dimension of a tall-skinny product.
+        self.weight.accumulate_grad((col_matrix @ grad_matrix.T).T.reshape(self.weight.data.shape))
         if self.bias is not None:
             self.bias.accumulate_grad(grad_matrix.sum(axis=1))
         if not self.needs_input_grad:
