@@ -1,0 +1,393 @@
+"""Turn image files into one float32 array per image, the same way for every file.
+
+    load_image(path, pre)                      -> (1, H, W) float32 in [0, 1]
+    load_images(dataset, pre, cache_dir=...)   -> images (N, 1, H, W), labels (N,), paths
+    compute_normalization(train_images)        -> (mean, std)
+    normalize(images, mean, std)               -> (images - mean) / std
+
+Why "the same way for every file": in COVID-CT the COVID images are PNG (some
+RGBA) and the non-COVID images are mostly JPEG. If RGBA, RGB, L and JPEG were
+converted differently, the network could learn the file format instead of the
+lungs. So every mode goes through one rule (``to_gray``):
+
+    mode            gray value in [0, 1]
+    1               0 or 1
+    L, P(no alpha)  value / 255           (P is expanded through its palette)
+    RGB, CMYK, ...  (0.299 R + 0.587 G + 0.114 B) / 255   (CMYK via PIL's RGB conversion)
+    LA, RGBA, PA    gray * alpha / 255    (composited onto black = air; opaque -> unchanged)
+    I;16*, I        value / 65535         (16-bit PNG/TIFF; clipped to [0, 1])
+    F               value, clipped to [0, 1]  (32-bit float is taken as already scaled)
+
+No per-image min/max stretching: the intensity scale is the mode's real range.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from covidct.errors import DataError
+
+__all__ = [
+    "RESIZE_MODES",
+    "Preprocess",
+    "to_gray",
+    "load_image",
+    "load_images",
+    "compute_normalization",
+    "normalize",
+    "clear_memory_cache",
+]
+
+RESIZE_MODES = ("pad", "stretch")
+CACHE_VERSION = 1                      # bump when the decoding rule changes
+MEMORY_CACHE_BYTES = 1 << 30           # at most 1 GiB of decoded images kept in memory
+RGB_WEIGHTS = (0.299, 0.587, 0.114)    # ITU-R BT.601 luma, as PIL's "L" conversion
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a file becomes a (1, size, size) float32 array.
+
+    size:   output height = width in pixels.
+    resize: "pad"     keep the aspect ratio: scale the longer side to `size`, centre
+                      the image on a black (= air) square canvas. Default: anatomy
+                      keeps its shape; the real slices are 0.9-2.4 times wider than high.
+            "stretch" plain resize to size x size (distorts wide images).
+    Stored in checkpoints as JSON: see to_dict() / from_dict().
+    """
+    size: int = 224
+    resize: str = "pad"
+
+    def __post_init__(self):
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
+            raise DataError(f"Preprocess size={self.size!r}: expected a positive integer number of pixels")
+        if self.resize not in RESIZE_MODES:
+            raise DataError(f"Preprocess resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
+        object.__setattr__(self, "size", int(self.size))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        unknown = set(d) - {"size", "resize"}
+        if unknown:
+            raise DataError(f"Preprocess settings: unknown keys {sorted(unknown)}; expected size, resize")
+        return cls(**d)
+
+    def key(self) -> str:
+        """Short stable hash of the settings (and of the decoding rule version)."""
+        text = json.dumps({"v": CACHE_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def check_min_size(self, min_size: int | None) -> None:
+        """DataError if size is below the smallest input the model accepts."""
+        if min_size is not None and self.size < min_size:
+            raise DataError(f"Preprocess size={self.size} is below the minimum image size {min_size} "
+                            f"the model needs; use size >= {min_size}")
+
+
+# ------------------------------------------------------------------ decoding
+def to_gray(image: Image.Image) -> np.ndarray:
+    """A PIL image of any mode -> float32 (h, w) in [0, 1] (rule in the module docstring)."""
+    mode = image.mode
+    if mode == "P" or mode == "PA":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    elif mode == "RGBa":
+        image, mode = image.convert("RGBA"), "RGBA"
+    elif mode == "La":
+        image, mode = image.convert("LA"), "LA"
+
+    if mode == "1":
+        return np.asarray(image, dtype=np.float32)
+    if mode == "L":
+        return np.asarray(image, dtype=np.float32) / 255.0
+    if mode.startswith("I;16") or mode == "I":
+        gray = np.asarray(image).astype(np.float32) / 65535.0
+        return np.clip(gray, 0.0, 1.0)
+    if mode == "F":
+        return np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0.0, 1.0)
+    if mode == "LA":
+        la = np.asarray(image, dtype=np.float32) / 255.0
+        return la[..., 0] * la[..., 1]
+    if mode == "RGBA":
+        rgba = np.asarray(image, dtype=np.float32) / 255.0
+        return _luma(rgba[..., :3]) * rgba[..., 3]
+    if mode != "RGB":                      # CMYK, YCbCr, LAB, HSV, RGBX, ...
+        image = image.convert("RGB")
+    return _luma(np.asarray(image, dtype=np.float32) / 255.0)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    r, g, b = RGB_WEIGHTS
+    gray = r * rgb[..., 0] + g * rgb[..., 1] + b * rgb[..., 2]
+    return np.clip(gray, 0.0, 1.0).astype(np.float32)
+
+
+def _resize(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int]]:
+    """(h, w) -> (size, size) float32; also returns the (h, w) the content got."""
+    h, w = gray.shape
+    s = pre.size
+    if pre.resize == "stretch":
+        new_h, new_w = s, s
+    else:
+        scale = s / max(h, w)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    # Bilinear with PIL's antialiasing (its filter widens when shrinking), in float.
+    source = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32))      # mode "F"
+    resized = np.asarray(source.resize((new_w, new_h), Image.BILINEAR))
+    resized = np.clip(resized, 0.0, 1.0)
+    if (new_h, new_w) == (s, s):
+        return resized.astype(np.float32), (new_h, new_w)
+    canvas = np.zeros((s, s), np.float32)
+    top, left = (s - new_h) // 2, (s - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = resized
+    return canvas, (new_h, new_w)
+
+
+def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int]]:
+    """File bytes -> ((1, size, size) float32, content (h, w) after resize), or DataError naming `path`."""
+    if len(data) == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not an image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            w, h = image.size
+            if w < 1 or h < 1:
+                raise DataError(f"{path}: zero-size image ({w}x{h} px)")
+            image.load()
+            gray = to_gray(image)
+    except DataError:
+        raise
+    except UnidentifiedImageError as error:
+        png_size = _png_header_size(data)
+        if png_size is not None and min(png_size) == 0:
+            raise DataError(f"{path}: zero-size image ({png_size[0]}x{png_size[1]} px)") from error
+        raise DataError(f"{path}: not a readable image (cannot identify image file)") from error
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path}: corrupt or truncated image ({reason})") from error
+    if gray.ndim != 2 or min(gray.shape) < 1:
+        raise DataError(f"{path}: zero-size image ({gray.shape})")
+    image_out, content_hw = _resize(gray, pre)
+    return image_out[None], content_hw
+
+
+def _png_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG header (PIL refuses to open a 0-pixel PNG), else None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+def _check_content_size(path: str, content_hw, pre: Preprocess, min_size: int | None) -> None:
+    """DataError if the resized image (without padding) is thinner than min_size."""
+    ch, cw = content_hw
+    if min_size is not None and min(ch, cw) < min_size:
+        raise DataError(f"{path}: after resize ({pre.resize}, size={pre.size}) the image content is "
+                        f"{cw}x{ch} px, smaller than the minimum {min_size} px")
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an image file") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read file ({error.strerror or error})") from None
+
+
+def load_image(path, preprocess: Preprocess = Preprocess(), min_size: int | None = None) -> np.ndarray:
+    """One image file -> float32 (1, H, W) in [0, 1] with H = W = preprocess.size.
+
+    min_size: smallest content size (px) accepted after resizing; in "pad" mode a
+    very wide or very tall image can end up thinner than that -> DataError.
+    """
+    preprocess.check_min_size(min_size)
+    path = str(path)
+    image, content_hw = _decode_bytes(_read_bytes(path), path, preprocess)
+    _check_content_size(path, content_hw, preprocess, min_size)
+    return image
+
+
+# ------------------------------------------------------------------ caching
+# Both caches map (hash of the file's bytes, Preprocess.key()) -> (image, content (h, w)).
+_memory_cache: dict[tuple[str, str], tuple[np.ndarray, tuple[int, int]]] = {}
+_memory_lock = threading.Lock()
+
+
+def clear_memory_cache() -> None:
+    """Forget the decoded images kept in memory (the on-disk cache stays)."""
+    with _memory_lock:
+        _memory_cache.clear()
+
+
+def _remember(key, entry) -> None:
+    image = entry[0]
+    with _memory_lock:
+        if key in _memory_cache or image.nbytes > MEMORY_CACHE_BYTES:
+            return
+        used = sum(e[0].nbytes for e in _memory_cache.values())
+        while _memory_cache and used + image.nbytes > MEMORY_CACHE_BYTES:
+            oldest = next(iter(_memory_cache))           # dicts keep insertion order: FIFO
+            used -= _memory_cache.pop(oldest)[0].nbytes
+        _memory_cache[key] = entry
+
+
+def _disk_cache_file(cache_dir: Path, pre_key: str, content_hash: str) -> Path:
+    return cache_dir / f"images-{pre_key}" / content_hash[:2] / f"{content_hash}.npz"
+
+
+def _load_cached(file: Path, size: int):
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            image, content_hw = npz["image"], npz["content_hw"]
+    except (OSError, ValueError, KeyError, EOFError):  # absent or damaged entry: decode again
+        return None
+    if image.shape != (1, size, size) or image.dtype != np.float32 or content_hw.shape != (2,):
+        return None
+    return image, (int(content_hw[0]), int(content_hw[1]))
+
+
+def _save_cached(file: Path, entry) -> None:
+    """np.savez to a temp file in the same folder, then os.replace (atomic)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, image=entry[0], content_hw=np.asarray(entry[1], np.int64))
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _load_one(path: str, pre: Preprocess, cache_dir: Path | None, min_size: int | None) -> np.ndarray:
+    """Memory cache -> disk cache -> decode (and fill both caches)."""
+    data = _read_bytes(path)
+    content_hash = hashlib.sha1(data).hexdigest()          # identity, not security
+    key = (content_hash, pre.key())
+    with _memory_lock:
+        entry = _memory_cache.get(key)
+    cache_file = _disk_cache_file(cache_dir, key[1], content_hash) if cache_dir is not None else None
+    if entry is None and cache_file is not None:
+        entry = _load_cached(cache_file, pre.size)
+        if entry is not None:
+            _remember(key, entry)
+    if entry is None:
+        entry = _decode_bytes(data, path, pre)
+        _remember(key, entry)
+        if cache_file is not None:
+            _save_cached(cache_file, entry)
+    _check_content_size(path, entry[1], pre, min_size)
+    return entry[0]
+
+
+def load_images(dataset, preprocess: Preprocess = Preprocess(), cache_dir=None, skip_bad: bool = False,
+                progress: bool = False, min_size: int | None = None, skipped_log=None,
+                workers: int | None = None):
+    """Decode every image of a Dataset -> (images (N, 1, H, W) float32, labels (N,) int64, paths).
+
+    cache_dir:   folder for the on-disk cache (one .npz per image, keyed by a hash of
+                 the file's bytes and the preprocessing settings), or None. Decoded
+                 images are also kept in memory for the life of the process.
+    skip_bad:    False: the first bad image stops with a DataError naming it.
+                 True: bad images are left out, one warning gives the count, and
+                 "path<TAB>reason" lines go to `skipped_log` (default:
+                 cache_dir/skipped_files.txt, or a file in the system temp folder).
+    min_size:    smallest image size (px) the model accepts; see load_image.
+    workers:     decoding threads (default: up to 8, one per CPU).
+    """
+    preprocess.check_min_size(min_size)
+    paths = [str(p) for p in dataset.paths]
+    labels = np.asarray(dataset.labels, dtype=np.int64)
+    if len(paths) == 0:
+        raise DataError(f"{getattr(dataset, 'source', '') or 'dataset'}: no images to load")
+    cache_path = Path(cache_dir) if cache_dir is not None else None
+    if cache_path is not None:
+        cache_path.mkdir(parents=True, exist_ok=True)
+
+    def work(path):
+        try:
+            return _load_one(path, preprocess, cache_path, min_size), None
+        except DataError as error:
+            return None, str(error)
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(work, paths)
+        if progress:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(paths), desc="loading images", unit="img")
+        results = list(results)
+
+    images, kept, skipped = [], [], []
+    for i, (image, error) in enumerate(results):
+        if error is None:
+            images.append(image)
+            kept.append(i)
+        elif not skip_bad:
+            raise DataError(error)
+        else:
+            skipped.append((paths[i], error))
+    if skipped:
+        log = _write_skipped(skipped, skipped_log, cache_path)
+        warnings.warn(f"skipped {len(skipped)} of {len(paths)} images that could not be used; "
+                      f"the list with reasons is in {log}", stacklevel=2)
+        if not kept:
+            raise DataError(f"all {len(paths)} images were bad; none left to load (see {log})")
+        for label in np.unique(labels):
+            if not np.any(labels[kept] == label):
+                raise DataError(f"every image of class {label} was bad; a class would be empty (see {log})")
+    return np.stack(images), labels[kept], [paths[i] for i in kept]
+
+
+def _write_skipped(skipped, skipped_log, cache_path) -> str:
+    if skipped_log is None:
+        if cache_path is not None:
+            skipped_log = cache_path / "skipped_files.txt"
+        else:
+            fd, skipped_log = tempfile.mkstemp(prefix="covidct-skipped-", suffix=".txt")
+            os.close(fd)
+    lines = [f"{path}\t{reason.removeprefix(path + ': ')}" for path, reason in skipped]
+    Path(skipped_log).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(skipped_log)
+
+
+# ------------------------------------------------------------------ normalisation
+def compute_normalization(images) -> tuple[float, float]:
+    """Mean and standard deviation of all pixels, (N, 1, H, W) -> (mean, std).
+
+    Compute it on the TRAINING images only and reuse it for val/test.
+    """
+    images = np.asarray(images)
+    if images.size == 0:
+        raise DataError("compute_normalization: no images (empty array)")
+    mean = float(images.mean(dtype=np.float64))
+    std = float(images.std(dtype=np.float64))
+    if not np.isfinite(std) or std <= 0:
+        raise DataError(f"compute_normalization: images have standard deviation {std}; "
+                        f"expected > 0 (are all images blank?)")
+    return mean, std
+
+
+def normalize(images, mean: float, std: float):
+    """(images - mean) / std as float32; a new array, same shape, NumPy or CuPy."""
+    if std <= 0:
+        raise DataError(f"normalize: std={std}, expected > 0")
+    return ((images - np.float32(mean)) / np.float32(std)).astype(np.float32, copy=False)
