@@ -24,9 +24,14 @@ Peak memory (host)
       so the number is a lower bound.
     * "unavailable" on systems without /proc (sizes are reported as None).
 
+    Before the block, the garbage collector runs and glibc's ``malloc_trim(0)``
+    hands freed heap pages back to the OS; otherwise memory that a warm-up step
+    freed would stay resident, the measured step would reuse it, and a library
+    that allocates through malloc (torch CPU) would seem to need no memory.
+
     Large NumPy/torch buffers are mmap'ed and returned to the OS when freed, so
-    RSS follows the live arrays closely; small ones may stay in malloc's
-    arenas, which is why bench_train_step measures every case in a fresh process.
+    RSS follows the live arrays closely. bench_train_step also measures every
+    case in a fresh process (by default), so the process peak is that case's alone.
 
 Peak memory (GPU)
     ``GpuPeakMemory``: for CuPy, the default memory pool is emptied
@@ -275,6 +280,20 @@ def _reset_hwm() -> bool:
         return False
 
 
+def release_free_heap() -> bool:
+    """glibc's malloc_trim(0): give freed heap memory back to the OS, so that the RSS before a
+    measured step holds live data only. Without it, buffers that an earlier (warm-up) step freed
+    stay resident and the next step reuses them unseen: a library allocating through malloc
+    (torch CPU) would look as if it needed no extra memory at all. False where unavailable."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0)) or True
+    except (OSError, AttributeError):
+        return False
+
+
 class HostPeakMemory:
     """``with HostPeakMemory() as m: step()`` then m.extra (bytes above the RSS before),
     m.peak (the process's peak RSS during the block) and m.method. See the module doc."""
@@ -286,6 +305,7 @@ class HostPeakMemory:
 
     def __enter__(self):
         gc.collect()
+        release_free_heap()
         self.before = current_rss()
         if self.before is None:
             return self
