@@ -1,4 +1,4 @@
-"""The ``covidct`` command: train, evaluate, predict, synth, describe.
+"""The ``covidct`` command: train, evaluate, predict, synth, describe, viz.
 
 User mistakes (missing path, bad option value, wrong checkpoint) end with one
 line ``error: ...`` and exit status 2, never a traceback.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import CovidCTError
 
-SYNTHETIC_DEFAULTS = dict(n=600, seed=0, difficulty=0.5)
+SYNTHETIC_DEFAULTS = dict(n=800, seed=0, difficulty=0.3)
 
 
 def cache_root() -> Path:
@@ -138,11 +138,53 @@ def run_predict(args) -> int:
     if args.output:
         write_rows(rows, args.output)
         print(f"wrote {len(rows)} predictions to {args.output}")
+    if args.gradcam:
+        from .predict import write_gradcam_overlays
+
+        written = write_gradcam_overlays(args.checkpoint, [row["file"] for row in rows], args.gradcam,
+                                         device=args.device)
+        print(f"wrote {len(written)} Grad-CAM overlays to {args.gradcam}/")
     for path, reason in failures:
         print(f"skipped: {reason}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} of {len(rows) + len(failures)} files could not be read", file=sys.stderr)
     return 1 if failures else 0
+
+
+# -- viz -------------------------------------------------------------------------------------
+def run_viz(args) -> int:
+    from . import viz
+
+    def wrote(path):
+        print(f"wrote {path}")
+        return 0
+
+    if args.action == "kernels":
+        from .preprocess import Preprocess, load_image
+
+        return wrote(viz.plot_hand_kernels(load_image(args.image, Preprocess(args.size)), args.out))
+    if args.action == "gradcam":
+        if args.n < 1:
+            raise CovidCTError(f"--n must be >= 1, got {args.n}")
+        return wrote(viz.gradcam_grid(args.checkpoint, args.data, args.split, args.out, n=args.n,
+                                      cache_dir=args.cache_dir or str(cache_root() / "images"), seed=args.seed))
+    if args.action == "shortcut":
+        viz.shortcut_check(args.checkpoint, args.data, args.split, args.out,
+                           cache_dir=args.cache_dir or str(cache_root() / "images"), cam_target=args.target)
+        print((Path(args.out) / "shortcut.md").read_text())
+        print(f"wrote shortcut.json and shortcut.md to {args.out}/")
+        return 0
+
+    from .checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint)
+    if args.action == "filters":
+        return wrote(viz.plot_filters(model, args.out))
+    from .preprocess import Preprocess, load_image
+
+    image = load_image(args.image, Preprocess.from_dict(meta["preprocess"]))
+    return wrote(viz.plot_feature_maps(model, image, args.out, mean=meta["normalization"]["mean"],
+                                       std=meta["normalization"]["std"]))
 
 
 # -- synth / describe -------------------------------------------------------------------------
@@ -170,6 +212,13 @@ EXAMPLES = {
     "predict": "example:\n  covidct predict --checkpoint runs/default-covid-ct/best.npz scans/ slice1.png --output preds.csv",
     "synth": "example:\n  covidct synth --out data/phantom --n 600 --seed 1",
     "describe": "example:\n  covidct describe ../shared/covid-ct",
+    "viz": "examples:\n  covidct viz filters --checkpoint runs/default-covid-ct/best.npz --out filters.png\n"
+           "  covidct viz features --checkpoint runs/default-covid-ct/best.npz --image slice.png --out features.png\n"
+           "  covidct viz kernels --image slice.png --out kernels.png\n"
+           "  covidct viz gradcam --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
+           "--out gradcam.png --n 16\n"
+           "  covidct viz shortcut --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
+           "--out shortcut/",
 }
 
 
@@ -199,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", metavar="PATH")
     predict.add_argument("--output", default=None, help="also write the table as .csv or .json")
     predict.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    predict.add_argument("--gradcam", metavar="OUT_DIR", default=None,
+                         help="also write one Grad-CAM overlay PNG (COVID logit) per image to OUT_DIR")
 
     synth = command("synth", "write a synthetic CT phantom dataset in the UCSD COVID-CT layout")
     synth.add_argument("--out", required=True)
@@ -208,11 +259,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = command("describe", "dataset statistics: counts per class and split, sizes, modes, formats")
     describe.add_argument("data")
+
+    viz = command("viz", "pictures of the network: filters, feature maps, hand-made kernels, Grad-CAM, "
+                  "and a shortcut check")
+    actions = viz.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name, help_text):
+        return actions.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES["viz"],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    filters = action("filters", "first-layer filters of a checkpoint")
+    filters.add_argument("--checkpoint", required=True)
+    filters.add_argument("--out", required=True, help="PNG file")
+    features = action("features", "one image after each conv and pool layer")
+    features.add_argument("--checkpoint", required=True)
+    features.add_argument("--image", required=True)
+    features.add_argument("--out", required=True, help="PNG file")
+    kernels = action("kernels", "the 2020 report's hand-made edge and sharpen kernels applied to an image")
+    kernels.add_argument("--image", required=True)
+    kernels.add_argument("--out", required=True, help="PNG file")
+    kernels.add_argument("--size", type=int, default=256, help="image size after preprocessing (default 256)")
+    grid = action("gradcam", "Grad-CAM grid of correct and wrong predictions on a split")
+    grid.add_argument("--checkpoint", required=True)
+    grid.add_argument("--data", required=True)
+    grid.add_argument("--split", default="val")
+    grid.add_argument("--out", required=True, help="PNG file")
+    grid.add_argument("--n", type=int, default=16, help="number of images (half correct, half wrong)")
+    grid.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    grid.add_argument("--cache-dir", default=None)
+    shortcut = action("shortcut", "shortcut check: Grad-CAM mass in the lungs, and metrics with the file "
+                      "formats swapped between classes")
+    shortcut.add_argument("--checkpoint", required=True)
+    shortcut.add_argument("--data", required=True)
+    shortcut.add_argument("--split", default="val")
+    shortcut.add_argument("--out", required=True, help="output folder for shortcut.json and shortcut.md")
+    shortcut.add_argument("--target", default="predicted", choices=["predicted", "covid"],
+                          help="class whose Grad-CAM is measured (default: each image's predicted class)")
+    shortcut.add_argument("--cache-dir", default=None)
     return parser
 
 
 RUNNERS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
-           "describe": run_describe}
+           "describe": run_describe, "viz": run_viz}
 
 
 def main(argv=None) -> int:

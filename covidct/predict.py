@@ -72,3 +72,36 @@ def write_rows(rows, path) -> None:
         writer = csv.DictWriter(file, fieldnames=["file", "p_covid", "label"])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_gradcam_overlays(checkpoint, paths, out_dir, device: str = "cpu", target_class: int = 1) -> list[Path]:
+    """One PNG per image in out_dir: the slice and its Grad-CAM overlay for the COVID logit
+    (``covidct.gradcam``), titled with P(COVID) and the predicted label. -> the written paths."""
+    from .gradcam import gradcam
+    from .preprocess import normalize
+    from .viz import plot_gradcam_overlay
+
+    import minicnn as mc
+
+    model, meta = load_checkpoint(checkpoint, device)
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    threshold = float(meta.get("threshold", 0.5))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, used = [], set()
+    for path in map(Path, paths):
+        image = load_image(path, preprocess)
+        x = mc.to_device(normalize(image[None], mean, std), device)
+        heatmap, logits = gradcam(model, x, target_class=target_class, return_logits=True)
+        shifted = np.exp(logits[0] - logits[0].max())
+        p_covid = float(shifted[1] / shifted.sum())
+        name, k = f"{path.stem}_gradcam.png", 1
+        while name in used:                              # same file name in two folders
+            k += 1
+            name = f"{path.stem}_gradcam_{k}.png"
+        used.add(name)
+        title = (f"{path.name}: P(COVID) {p_covid:.3f} -> {CLASS_NAMES[int(p_covid >= threshold)]}\n"
+                 f"Grad-CAM for the {CLASS_NAMES[target_class]} logit")
+        written.append(plot_gradcam_overlay(image, heatmap[0], out_dir / name, title=title))
+    return written

@@ -23,14 +23,14 @@ from covidct.data import list_splits, read_dataset  # noqa: E402
 from covidct.errors import CovidCTError  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
 
-SYNTHETIC_RECIPE = dict(epochs=15, patience=8)
+SYNTHETIC_RECIPE = dict(epochs=40, lr=3e-3, patience=15)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="", help="dataset root (default: generated synthetic phantom data)")
     parser.add_argument("--out", default=None, help="run directory")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 15 on synthetic data, 40 on real data")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 40 on synthetic data, 40 on real data")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")

@@ -17,3 +17,9 @@ __all__ = [
     "SoftmaxCrossEntropy", "get_array_module", "gpu_available", "to_device", "as_numpy", "synchronize",
     "manual_seed", "gradcheck", "init", "losses", "optim", "serialization",
 ]
+
+# ResNet-18 and the torch-free checkpoint loader.
+from .layers import BasicBlock
+from . import models, torch_load
+
+__all__ += ["BasicBlock", "models", "torch_load"]

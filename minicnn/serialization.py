@@ -64,3 +64,4 @@ def load(path) -> tuple[dict, dict]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: checkpoint metadata is not valid JSON ({error})") from None
     return arrays, metadata
+from .torch_load import load_state_dict_file, load_torch_state_dict  # noqa: E402,F401  (torch.save files, read without torch)

@@ -9,3 +9,6 @@ from .pool import AdaptiveAvgPool2d, MaxPool2d
 from ..module import Sequential
 
 __all__ = ["BatchNorm2d", "Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "ReLU", "Linear", "Flatten", "Dropout", "Sequential"]
+from .residual import BasicBlock, make_downsample
+
+__all__ += ["BasicBlock", "make_downsample"]

@@ -1,0 +1,251 @@
+"""Grad-CAM, feature maps and a rough lung-field mask, all with minicnn's own passes.
+
+    gradcam(model, x, target_class=1, layer_index=None) -> heatmaps (N, H, W) in [0, 1]
+    default_layer_index(model)                           -> index of the Grad-CAM layer
+    feature_maps(model, x)                               -> [(name, activation), ...]
+    lung_mask(image)                                     -> bool (H, W)
+    mass_inside(heatmap, mask)                           -> share of the heatmap's mass in the mask
+
+Grad-CAM (Selvaraju et al., 2017). With A^k the k-th channel (h x w) of the target
+layer's output and y^c the logit of class c (the logit, not the softmax):
+
+    w_k = 1/(h*w) * sum_ij dy^c / dA^k_ij          (global-average-pooled gradient)
+    cam = ReLU( sum_k w_k A^k )                      (h, w)
+
+then cam is resized (bilinear) to the input size and divided by its maximum, so
+each heatmap lies in [0, 1] (all zeros when no pixel has positive evidence).
+
+The gradient comes from minicnn's hand-written backward passes: the Sequential
+runs forward layer by layer, keeps A, and only the layers after the target
+layer run backward, from a one-hot on the class logit. Nothing is trained: the
+model runs in eval mode (its mode is restored afterwards), weights are not
+touched, and every parameter's ``.grad`` is put back to what it was before the
+call (None for a model that is not in the middle of a training step).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+import minicnn as mc
+
+from .errors import CovidCTError
+
+__all__ = ["gradcam", "default_layer_index", "feature_maps", "lung_mask", "otsu_threshold", "mass_inside",
+           "resize_map"]
+
+# Layers after which the spatial layout is gone (a vector per image).
+_TO_VECTOR = (mc.Flatten, mc.AdaptiveAvgPool2d)
+_FEATURE_LAYERS = (mc.Conv2d, mc.MaxPool2d, mc.AdaptiveAvgPool2d)
+
+
+def _layers(model) -> list:
+    if not isinstance(model, mc.Sequential):
+        raise CovidCTError(f"Grad-CAM needs a minicnn Sequential model, got {type(model).__name__}")
+    return list(model)
+
+
+def default_layer_index(model) -> int:
+    """Index of the last ReLU that directly follows a Conv2d or BatchNorm2d before the first
+    Flatten / AdaptiveAvgPool2d: the last conv feature map (after its non-linearity)."""
+    layers = _layers(model)
+    stop = next((i for i, layer in enumerate(layers) if isinstance(layer, _TO_VECTOR)), len(layers))
+    candidates = [i for i in range(1, stop) if isinstance(layers[i], mc.ReLU)
+                  and isinstance(layers[i - 1], (mc.Conv2d, mc.BatchNorm2d))]
+    if not candidates:
+        raise CovidCTError("Grad-CAM: the model has no Conv2d/BatchNorm2d -> ReLU before its Flatten; "
+                           "pass layer_index= explicitly")
+    return candidates[-1]
+
+
+def resize_map(array, size) -> np.ndarray:
+    """(h, w) float -> (H, W) float32 by bilinear interpolation (PIL, float mode)."""
+    height, width = size
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32))
+    return np.asarray(image.resize((int(width), int(height)), Image.BILINEAR), dtype=np.float32)
+
+
+def _check_input(x) -> np.ndarray:
+    if getattr(x, "ndim", None) != 4:
+        raise CovidCTError(f"Grad-CAM: expected normalized images of shape (N, C, H, W), "
+                           f"got shape {getattr(x, 'shape', type(x))}")
+    return x
+
+
+class _Quiet:
+    """Eval mode and untouched gradients for the duration of a with-block."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.params = self.model.parameters()
+        self.grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for p, grad in zip(self.params, self.grads):
+            p.grad = grad                       # None unless the caller had accumulated something
+        for layer in self.model.modules():
+            layer._saved = None                 # free what the forward kept for a backward never run
+        self.model.train(self.was_training)
+        return False
+
+
+def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size: int = 32,
+            return_logits: bool = False):
+    """Grad-CAM heatmaps for normalized images x (N, C, H, W) -> float32 (N, H, W) in [0, 1].
+
+    target_class: the class whose logit is explained, an int (default 1 = COVID) or one
+                  per image (N,) (e.g. the predicted classes).
+    layer_index:  index in the Sequential of the layer whose OUTPUT is A (default:
+                  ``default_layer_index(model)``, the last conv block's ReLU).
+    return_logits: also return the logits (N, num_classes) of the same forward pass.
+    """
+    x = _check_input(x)
+    layers = _layers(model)
+    index = default_layer_index(model) if layer_index is None else int(layer_index)
+    if not 0 <= index < len(layers) - 1:
+        raise CovidCTError(f"Grad-CAM: layer_index {layer_index} is outside 0..{len(layers) - 2}")
+    n, _, height, width = x.shape
+    targets = np.broadcast_to(np.asarray(target_class, dtype=np.int64), (n,))
+    heatmaps = np.zeros((n, height, width), np.float32)
+    all_logits = []
+    with _Quiet(model):
+        for start in range(0, n, batch_size):
+            batch = x[start:start + batch_size]
+            out = batch
+            for i, layer in enumerate(layers):
+                out = layer(out)
+                if i == index:
+                    activation = out
+            logits = out
+            if logits.ndim != 2:
+                raise CovidCTError(f"Grad-CAM: the model's output has shape {tuple(logits.shape)}, expected (N, classes)")
+            batch_targets = targets[start:start + len(batch)]
+            if batch_targets.min() < 0 or batch_targets.max() >= logits.shape[1]:
+                raise CovidCTError(f"Grad-CAM: target_class {target_class} is not a class of this "
+                                   f"{logits.shape[1]}-class model")
+            xp = mc.get_array_module(logits)
+            grad = xp.zeros_like(logits)
+            grad[xp.arange(len(batch)), xp.asarray(batch_targets)] = 1    # d(logit_c)/d(logits)
+            for layer in reversed(layers[index + 1:]):
+                grad = layer.backward(grad)
+            A, dA = mc.as_numpy(activation).astype(np.float64), mc.as_numpy(grad).astype(np.float64)
+            if A.ndim != 4:
+                raise CovidCTError(f"Grad-CAM: layer {index} ({type(layers[index]).__name__}) gives shape "
+                                   f"{A.shape}, not a (N, C, h, w) feature map")
+            weights = dA.mean(axis=(2, 3))                                     # (B, K)
+            cams = np.maximum(np.einsum("bk,bkij->bij", weights, A), 0.0)      # (B, h, w)
+            for j, cam in enumerate(cams):
+                up = np.clip(resize_map(cam, (height, width)), 0.0, None)
+                top = up.max()
+                heatmaps[start + j] = up / top if top > 0 else 0.0
+            all_logits.append(mc.as_numpy(logits))
+    if return_logits:
+        return heatmaps, np.concatenate(all_logits)
+    return heatmaps
+
+
+def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
+    """Every Conv2d and pooling output for normalized images x (N, C, H, W), in eval mode.
+
+    -> [("0 Conv2d", (N, F, h, w)), ("2 MaxPool2d", ...), ...]; names are "<index> <layer type>".
+    Stops at the first Flatten (the classifier head is not a feature map).
+    """
+    x = _check_input(x)
+    maps = []
+    with _Quiet(model):
+        out = x
+        for i, layer in enumerate(_layers(model)):
+            if isinstance(layer, mc.Flatten):
+                break
+            out = layer(out)
+            if isinstance(layer, _FEATURE_LAYERS):
+                maps.append((f"{i} {type(layer).__name__}", np.array(mc.as_numpy(out))))
+    return maps
+
+
+# ------------------------------------------------------------------ lung mask
+def otsu_threshold(values, bins: int = 256) -> float:
+    """Otsu's threshold: the cut that maximises the between-class variance of a histogram."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return lo
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(counts)
+    weight1 = weight0[-1] - weight0
+    sum0 = np.cumsum(counts * centers)
+    mean0 = sum0 / np.maximum(weight0, 1)
+    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(edges[1:][np.argmax(between[:-1])]) if len(between) > 1 else lo
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2
+
+
+def lung_mask(image, threshold: float | None = None, min_fraction: float = 0.01) -> np.ndarray:
+    """A rough lung-field mask of one axial CT slice (H, W) in [0, 1] -> bool (H, W).
+
+    1. light smoothing, then a threshold (Otsu's unless given): dark = air or lung;
+    2. dark regions touching the image border are the air around the body: removed;
+    3. opening (drop specks), closing and hole filling (take in vessels and lesions
+       inside the lung);
+    4. the two largest remaining components, each at least ``min_fraction`` of the image.
+
+    Limits: a heuristic, not a segmentation model. It misses lung that touches the
+    image border (tightly cropped slices), dense consolidation on the lung edge
+    (bright like the chest wall, so outside a dark region and often not enclosed),
+    and returns the trachea or bowel gas when a lung is missing or merged; on a
+    slice without a dark body outline (scout views, photos of screens) it can be
+    empty or wrong. Use it for statistics over many slices, not for one slice.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise CovidCTError(f"lung_mask: expected one (H, W) slice, got shape {image.shape}")
+    size = min(image.shape)
+    smooth = ndimage.gaussian_filter(image, sigma=max(0.5, size / 256))
+    cut = otsu_threshold(smooth) if threshold is None else float(threshold)
+    dark = smooth < cut
+
+    # Outside air: flood-filled from the image border through clearly dark pixels (below
+    # half the threshold), then grown by a few pixels. Lungs are grayer than the air around
+    # the body, so a thin or broken chest wall does not let the flood into them.
+    radius = max(1, round(size / 64))
+    very_dark = smooth < 0.5 * cut
+    labels, count = ndimage.label(very_dark)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.isin(labels, border[border > 0])
+    outside = ndimage.binary_dilation(outside, structure=_disk(radius), iterations=2)
+    inside = dark & ~outside
+
+    inside = ndimage.binary_opening(inside, structure=_disk(radius))
+    inside = ndimage.binary_closing(inside, structure=_disk(2 * radius), border_value=0)
+    inside = ndimage.binary_fill_holes(inside)
+
+    labels, count = ndimage.label(inside)
+    if count == 0:
+        return np.zeros(image.shape, bool)
+    sizes = ndimage.sum(inside, labels, index=np.arange(1, count + 1))
+    order = np.argsort(sizes)[::-1][:2]
+    keep = [k + 1 for k in order if sizes[k] >= min_fraction * image.size]
+    return np.isin(labels, keep)
+
+
+def mass_inside(heatmap, mask) -> float:
+    """Share of the heatmap's total mass that falls inside the mask (nan for an all-zero heatmap)."""
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    total = heatmap.sum()
+    return float(heatmap[np.asarray(mask, bool)].sum() / total) if total > 0 else float("nan")

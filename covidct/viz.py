@@ -1,0 +1,460 @@
+"""Pictures of what the network does, and a check for shortcut learning.
+
+    plot_filters(model, path)                                  first-layer filters
+    plot_feature_maps(model, image, path, mean=, std=)         one slice after each conv / pool
+    plot_hand_kernels(image, path)                             the 2020 report's edge and sharpen kernels
+    plot_gradcam_grid(images, heatmaps, labels, probs, path, threshold)
+    plot_gradcam_overlay(image, heatmap, path, title)          one slice, for ``covidct predict --gradcam``
+    gradcam_grid(checkpoint, data_root, split, path, n=16)     the grid of correct and wrong predictions
+    shortcut_check(checkpoint, data_root, split, out_dir)      shortcut.json + shortcut.md -> dict
+
+Every plot function writes one PNG (matplotlib, Agg backend), closes its figure
+and returns the path. See docs/visualize.md.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import minicnn as mc  # noqa: E402
+
+from . import CLASS_NAMES, COVID  # noqa: E402
+from .errors import CovidCTError  # noqa: E402
+from .gradcam import feature_maps, gradcam, lung_mask, mass_inside  # noqa: E402
+
+__all__ = ["HAND_KERNELS", "hand_kernel_conv", "apply_hand_kernels", "plot_filters", "plot_feature_maps",
+           "plot_hand_kernels", "plot_gradcam_grid", "plot_gradcam_overlay", "select_examples", "gradcam_grid",
+           "reencode", "shortcut_check"]
+
+DPI = 100
+
+# The hand-made 3x3 kernels of the 2020 report.
+HAND_KERNELS = {
+    "edge detection": np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32),
+    "sharpen": np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], np.float32),
+}
+
+
+def _save(fig, path, palette: bool = False) -> Path:
+    """Write the figure as PNG and close it. palette=True: 256-color palette PNG (photos with
+    heatmap overlays compress 3-4x better that way; the loss is invisible)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not palette:
+        fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
+    else:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=DPI, format="png", bbox_inches="tight")
+        with Image.open(buffer) as image:
+            image.convert("RGB").quantize(256).save(path, format="PNG", optimize=True)
+    plt.close(fig)
+    return path
+
+
+def _as_slice(image) -> np.ndarray:
+    """(H, W), (1, H, W) or (1, 1, H, W) -> float32 (H, W)."""
+    image = np.asarray(mc.as_numpy(image), dtype=np.float32)
+    while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise CovidCTError(f"expected one grayscale slice (H, W), got shape {image.shape}")
+    return image
+
+
+def _first_conv(model) -> mc.Conv2d:
+    for layer in model.modules():
+        if isinstance(layer, mc.Conv2d):
+            return layer
+    raise CovidCTError(f"{type(model).__name__} has no Conv2d layer")
+
+
+# ------------------------------------------------------------------ hand-made kernels
+def hand_kernel_conv() -> mc.Conv2d:
+    """A minicnn Conv2d(1 -> 2, 3x3, padding 1) whose weights are set by hand to HAND_KERNELS."""
+    conv = mc.Conv2d(1, len(HAND_KERNELS), 3, padding=1)
+    conv.weight.data = np.stack(list(HAND_KERNELS.values()))[:, None].astype(np.float32)   # (2, 1, 3, 3)
+    conv.bias.data = np.zeros(len(HAND_KERNELS), np.float32)
+    return conv.eval()
+
+
+def apply_hand_kernels(image) -> dict[str, np.ndarray]:
+    """One slice (H, W) -> {kernel name: response (H, W)} computed by minicnn's Conv2d (zero padding)."""
+    image = _as_slice(image)
+    out = hand_kernel_conv()(image[None, None])
+    return {name: out[0, k] for k, name in enumerate(HAND_KERNELS)}
+
+
+def plot_hand_kernels(image, path) -> Path:
+    """The slice, each kernel, and its response (edge: |response|; sharpen: clipped to [0, 1])."""
+    image = _as_slice(image)
+    responses = apply_hand_kernels(image)
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6.2), gridspec_kw={"height_ratios": [1, 3]})
+    axes[0, 0].axis("off")
+    axes[0, 0].text(0.5, 0.5, "minicnn Conv2d\n1 -> 2 channels, 3x3\nweights set by hand",
+                    ha="center", va="center", fontsize=10)
+    for ax, (name, kernel) in zip(axes[0, 1:], HAND_KERNELS.items()):
+        ax.imshow(kernel, cmap="coolwarm", vmin=-8, vmax=8)
+        for (i, j), value in np.ndenumerate(kernel):
+            ax.text(j, i, f"{value:g}", ha="center", va="center", fontsize=10)
+        ax.set_title(f"{name} kernel", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[1, 0].set_title("input slice")
+    edge = np.abs(responses["edge detection"])
+    axes[1, 1].imshow(edge, cmap="gray", vmin=0, vmax=max(float(np.percentile(edge, 99.5)), 1e-6))
+    axes[1, 1].set_title("edge detection |response|")
+    axes[1, 2].imshow(np.clip(responses["sharpen"], 0, 1), cmap="gray", vmin=0, vmax=1)
+    axes[1, 2].set_title("sharpen (clipped to [0, 1])")
+    for ax in axes[1]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ filters and feature maps
+def plot_filters(model, path, max_filters: int = 64) -> Path:
+    """The first Conv2d's filters (input channel 0), one panel each, on a shared symmetric color scale."""
+    conv = _first_conv(model)
+    weights = mc.as_numpy(conv.weight.data)[:max_filters, 0]                # (F, kh, kw)
+    count = len(weights)
+    cols = min(8, count)
+    rows = math.ceil(count / cols)
+    limit = float(np.abs(weights).max()) or 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.6), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < count:
+            image = ax.imshow(weights[k], cmap="coolwarm", vmin=-limit, vmax=limit)
+            ax.set_title(str(k), fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    fig.suptitle(f"first-layer filters: Conv2d {conv.in_channels} -> {conv.out_channels}, "
+                 f"{conv.kernel_size[0]}x{conv.kernel_size[1]}, stride {conv.stride[0]}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_feature_maps(model, image, path, mean: float = 0.0, std: float = 1.0, channels: int = 8) -> Path:
+    """One slice (H, W) in [0, 1] and the first ``channels`` channels after every conv and pool layer.
+
+    mean, std: the checkpoint's normalization (the slice is normalized as in training).
+    """
+    image = _as_slice(image)
+    x = ((image - np.float32(mean)) / np.float32(std))[None, None].astype(np.float32)
+    maps = [(name, a[0]) for name, a in feature_maps(model, x) if a.shape[2] * a.shape[3] > 1]
+    cols = channels
+    fig, axes = plt.subplots(len(maps) + 1, cols, figsize=(1.35 * cols, 1.45 * (len(maps) + 1)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[0, 0].set_title(f"input {image.shape[0]}x{image.shape[1]}", fontsize=8)
+    for row, (name, activation) in enumerate(maps, start=1):
+        for k in range(min(cols, activation.shape[0])):
+            axes[row, k].imshow(activation[k], cmap="viridis")
+            if k == 0:
+                axes[row, k].set_title(f"{name} {activation.shape[0]}x{activation.shape[1]}x{activation.shape[2]}",
+                                       fontsize=7, loc="left")
+    fig.suptitle(f"feature maps (first {cols} channels of each layer; colors scaled per map)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ Grad-CAM pictures
+def _overlay(ax, image, heatmap, alpha: float = 0.45):
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(heatmap, cmap="jet", vmin=0, vmax=1, alpha=alpha)
+    ax.axis("off")
+
+
+def plot_gradcam_grid(images, heatmaps, labels, probs, path, threshold: float = 0.5, cols: int = 4,
+                      title: str | None = None) -> Path:
+    """Grad-CAM overlays; each title: true label, P(COVID), correct / WRONG (green / red)."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 4:
+        images = images[:, 0]
+    heatmaps = np.asarray(heatmaps, dtype=np.float32)
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    count = len(images)
+    if not count == len(heatmaps) == len(labels) == len(probs):
+        raise CovidCTError(f"plot_gradcam_grid: {count} images, {len(heatmaps)} heatmaps, "
+                           f"{len(labels)} labels and {len(probs)} probabilities; expected the same number")
+    cols = max(1, min(cols, count))
+    rows = max(1, math.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.55 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k in range(count):
+        ax = axes.flat[k]
+        _overlay(ax, images[k], heatmaps[k])
+        correct = int(probs[k] >= threshold) == labels[k]
+        ax.set_title(f"true {CLASS_NAMES[labels[k]]}\nP(COVID) {probs[k]:.2f}  {'correct' if correct else 'WRONG'}",
+                     fontsize=8, color="darkgreen" if correct else "red")
+    fig.suptitle(title or f"Grad-CAM for the COVID logit (threshold {threshold:.3g})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, palette=True)
+
+
+def plot_gradcam_overlay(image, heatmap, path, title: str = "") -> Path:
+    """One slice: the slice and its Grad-CAM overlay side by side."""
+    image = _as_slice(image)
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.3))
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[0].axis("off")
+    _overlay(axes[1], image, _as_slice(heatmap))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, palette=True)
+
+
+def select_examples(labels, probs, threshold: float, n: int = 16, seed: int = 0) -> np.ndarray:
+    """Indices of up to n examples: half correct, half wrong predictions (topped up from the
+    other group when one is short), each half split between the classes, drawn at random with ``seed``."""
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    correct = (probs >= threshold).astype(int) == labels
+
+    def draw(pool, k):
+        by_class = [rng.permutation(pool[labels[pool] == c]).tolist() for c in (COVID, 1 - COVID)]
+        chosen = []
+        while len(chosen) < k and any(by_class):
+            for group in by_class:
+                if group and len(chosen) < k:
+                    chosen.append(group.pop(0))
+        return chosen
+
+    wrong_pool, right_pool = np.flatnonzero(~correct), np.flatnonzero(correct)
+    wrong = draw(wrong_pool, min(n // 2, len(wrong_pool)))
+    right = draw(right_pool, min(n - len(wrong), len(right_pool)))
+    if len(wrong) + len(right) < n:
+        wrong += [i for i in draw(wrong_pool, n - len(right)) if i not in wrong][:n - len(right) - len(wrong)]
+    return np.array(right + wrong, dtype=np.int64)
+
+
+def _load_split(checkpoint, data_root, split, cache_dir=None, device="cpu"):
+    from .checkpoint import load_checkpoint
+    from .data import read_dataset
+    from .evaluate import predict_proba
+    from .preprocess import Preprocess, load_images
+
+    model, meta = load_checkpoint(checkpoint, device)
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    dataset = read_dataset(data_root, split=split)
+    images, labels, paths = load_images(dataset, preprocess, cache_dir=cache_dir)
+    probs = predict_proba(model, images, mean, std, device=device)
+    return model, meta, images, labels, paths, probs
+
+
+def _normalized(images, meta, device="cpu"):
+    from .preprocess import normalize
+    return mc.to_device(normalize(images, meta["normalization"]["mean"], meta["normalization"]["std"]), device)
+
+
+def gradcam_grid(checkpoint, data_root, split: str = "val", path="gradcam_grid.png", n: int = 16,
+                 cache_dir=None, seed: int = 0, device: str = "cpu") -> Path:
+    """Grad-CAM (COVID logit) grid of n slices of a split: half correct, half wrong predictions."""
+    model, meta, images, labels, paths, probs = _load_split(checkpoint, data_root, split, cache_dir, device)
+    threshold = float(meta.get("threshold", 0.5))
+    chosen = select_examples(labels, probs, threshold, n, seed)
+    heatmaps = gradcam(model, _normalized(images[chosen], meta, device), target_class=COVID)
+    wrong = int(np.sum((probs[chosen] >= threshold).astype(int) != labels[chosen]))
+    title = (f"Grad-CAM for the COVID logit, {split} split: {len(chosen) - wrong} correct, {wrong} wrong "
+             f"(threshold {threshold:.3g})")
+    return plot_gradcam_grid(images[chosen], heatmaps, labels[chosen], probs[chosen], path, threshold, title=title)
+
+
+# ------------------------------------------------------------------ shortcut check
+def reencode(path, fmt: str, quality: int = 75) -> bytes:
+    """The file's image re-encoded as "JPEG" (given quality) or "PNG", keeping what covidct's
+    decoding sees: transparency is composited onto black first (JPEG has no alpha channel)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("P", "PA", "RGBa", "La"):
+            image = image.convert("RGBA")
+        if image.mode in ("LA", "RGBA"):                # premultiply: gray * alpha, as to_gray does
+            base = "L" if image.mode == "LA" else "RGB"
+            black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(black, image.convert("RGBA")).convert(base)
+        if fmt.upper() == "JPEG" and image.mode not in ("L", "RGB", "CMYK"):
+            image = image.convert("RGB")
+        if fmt.upper() == "PNG" and image.mode == "CMYK":
+            image = image.convert("RGB")
+        buffer = io.BytesIO()
+        if fmt.upper() == "JPEG":
+            image.save(buffer, format="JPEG", quality=quality)
+        else:
+            image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _file_format(path) -> str:
+    try:
+        with Image.open(path) as image:
+            return image.format or "unknown"
+    except OSError:
+        return "unreadable"
+
+
+def _metrics(labels, probs, threshold):
+    from .metrics import classification_metrics
+    m = classification_metrics(labels, probs, threshold)
+    return {key: (None if isinstance(m[key], float) and not np.isfinite(m[key]) else float(m[key]))
+            for key in ("accuracy", "auc", "sensitivity", "specificity", "balanced_accuracy")}
+
+
+def _nanmean(values):
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut", cache_dir=None,
+                   cam_target: str = "predicted", jpeg_quality: int = 75, device: str = "cpu") -> dict:
+    """Two checks that the classifier looks at the lungs and not at the file:
+
+    (a) Grad-CAM mass inside vs outside a rough lung mask (``covidct.gradcam.lung_mask``
+        of the preprocessed slice), per class and overall; next to it the mask's share of
+        the image, i.e. what a heatmap spread evenly would give.
+    (b) accuracy / AUC when every image is re-encoded in the other class's file format
+        (COVID -> JPEG quality 75, non-COVID -> PNG), then decoded with the same
+        preprocessing, vs the original files.
+
+    cam_target: "predicted" (each image's predicted class) or "covid" (the COVID logit).
+    Writes out_dir/shortcut.json and out_dir/shortcut.md; returns the dict.
+    """
+    from .evaluate import predict_proba
+    from .preprocess import Preprocess, load_image
+
+    if cam_target not in ("predicted", "covid"):
+        raise CovidCTError(f"cam_target must be 'predicted' or 'covid', got {cam_target!r}")
+    model, meta, images, labels, paths, probs = _load_split(checkpoint, data_root, split, cache_dir, device)
+    threshold = float(meta.get("threshold", 0.5))
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    predicted = (probs >= threshold).astype(np.int64)
+
+    # (a) Grad-CAM mass inside the lung mask.
+    targets = predicted if cam_target == "predicted" else np.full(len(labels), COVID)
+    heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets)
+    masks = np.stack([lung_mask(image[0]) for image in images])
+    area = masks.mean(axis=(1, 2))
+    usable = area >= 0.02                                   # masks under 2% of the slice: failed
+    inside = np.array([mass_inside(h, m) if ok else np.nan for h, m, ok in zip(heatmaps, masks, usable)])
+
+    def cam_summary(select):
+        share = inside[select]
+        return {"n": int(select.sum()), "n_used": int(np.isfinite(share).sum()),
+                "mass_inside_lungs": _nanmean(share),
+                "mass_outside_lungs": None if _nanmean(share) is None else 1 - _nanmean(share),
+                "lung_mask_area": _nanmean(np.where(usable, area, np.nan)[select]),
+                "median_mass_inside": float(np.nanmedian(share)) if np.isfinite(share).any() else None}
+
+    every = np.ones(len(labels), bool)
+    cam = {"target": cam_target, "overall": cam_summary(every),
+           CLASS_NAMES[COVID]: cam_summary(labels == COVID), CLASS_NAMES[1 - COVID]: cam_summary(labels != COVID),
+           "correct": cam_summary(predicted == labels), "wrong": cam_summary(predicted != labels),
+           "masks_failed": int((~usable).sum()), "zero_heatmaps": int((heatmaps.reshape(len(labels), -1).max(1) == 0).sum())}
+
+    # (b) the same images, each in the other class's file format.
+    target_format = {COVID: "JPEG", 1 - COVID: "PNG"}
+    formats = {CLASS_NAMES[c]: {"before": {}, "after": {}, "to": target_format[c]} for c in (COVID, 1 - COVID)}
+    swapped, original_formats = [], []
+    with tempfile.TemporaryDirectory(prefix="covidct-shortcut-") as tmp:
+        for k, (path, label) in enumerate(zip(paths, labels)):
+            fmt = target_format[int(label)]
+            entry = formats[CLASS_NAMES[int(label)]]
+            before = _file_format(path)
+            original_formats.append(before)
+            entry["before"][before] = entry["before"].get(before, 0) + 1
+            new_path = Path(tmp) / f"{k:05d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            new_path.write_bytes(reencode(path, fmt, jpeg_quality))
+            after = _file_format(new_path)
+            entry["after"][after] = entry["after"].get(after, 0) + 1
+            swapped.append(load_image(new_path, preprocess))
+    swapped_probs = predict_proba(model, np.stack(swapped), mean, std, device=device)
+    swapped_pred = (swapped_probs >= threshold).astype(np.int64)
+    pixel_change = float(np.abs(np.stack(swapped) - images).mean())
+    reencoded = {
+        "jpeg_quality": jpeg_quality, "formats": formats,
+        "original": _metrics(labels, probs, threshold), "reencoded": _metrics(labels, swapped_probs, threshold),
+        "mean_abs_change_p_covid": float(np.abs(swapped_probs - probs).mean()),
+        "mean_change_p_covid": {CLASS_NAMES[c]: float((swapped_probs - probs)[labels == c].mean())
+                                for c in (COVID, 1 - COVID) if np.any(labels == c)},
+        "predictions_flipped": int((swapped_pred != predicted).sum()),
+        "mean_abs_pixel_change": pixel_change,
+    }
+    # The file's real format (from its content, not its name) per class, before the swap.
+    by_format = {}
+    original_formats = np.array(original_formats)
+    for c in (COVID, 1 - COVID):
+        for fmt in sorted(set(original_formats[labels == c])):
+            select = (labels == c) & (original_formats == fmt)
+            by_format[f"{CLASS_NAMES[c]} {fmt}"] = {
+                "n": int(select.sum()), "mean_p_covid": float(probs[select].mean()),
+                "accuracy": float((predicted[select] == c).mean()),
+                "mean_p_covid_reencoded": float(swapped_probs[select].mean()),
+                "accuracy_reencoded": float((swapped_pred[select] == c).mean())}
+    reencoded["by_original_format"] = by_format
+    result = {"checkpoint": str(checkpoint), "data": str(data_root), "split": split, "n": int(len(labels)),
+              "threshold": threshold, "preprocess": meta["preprocess"], "gradcam_in_lungs": cam,
+              "format_swap": reencoded}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "shortcut.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "shortcut.md").write_text(shortcut_markdown(result))
+    return result
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def shortcut_markdown(result: dict) -> str:
+    """The short human-readable report of ``shortcut_check``."""
+    cam, swap = result["gradcam_in_lungs"], result["format_swap"]
+    lines = [f"# Shortcut check: {result['split']} split ({result['n']} images)", "",
+             f"Checkpoint `{result['checkpoint']}`, data `{result['data']}`, threshold {result['threshold']:.3g}.", "",
+             f"## (a) Grad-CAM mass inside the lung mask (target: {cam['target']} class)", "",
+             "| group | images | used | mass inside lungs | lung-mask area (uniform baseline) |",
+             "|---|---|---|---|---|"]
+    for group in ("overall", CLASS_NAMES[COVID], CLASS_NAMES[1 - COVID], "correct", "wrong"):
+        row = cam[group]
+        lines.append(f"| {group} | {row['n']} | {row['n_used']} | {_pct(row['mass_inside_lungs'])} | "
+                     f"{_pct(row['lung_mask_area'])} |")
+    lines += ["", f"Lung mask failed (< 2% of the slice) on {cam['masks_failed']} images; "
+              f"{cam['zero_heatmaps']} heatmaps were all zero. A share well above the mask's area means "
+              "the evidence concentrates on the lungs; near or below it means it does not.", "",
+              "## (b) Every image re-encoded in the other class's format", "",
+              f"COVID -> {swap['formats'][CLASS_NAMES[COVID]]['to']} (quality {swap['jpeg_quality']}), "
+              f"non-COVID -> {swap['formats'][CLASS_NAMES[1 - COVID]]['to']}; same preprocessing.", "",
+              "| files | accuracy | AUC | sensitivity | specificity |", "|---|---|---|---|---|"]
+    for name in ("original", "reencoded"):
+        m = swap[name]
+        lines.append(f"| {name} | {_pct(m['accuracy'])} | {_num(m['auc'])} | {_pct(m['sensitivity'])} | "
+                     f"{_pct(m['specificity'])} |")
+    changes = ", ".join(f"{k} {v:+.3f}" for k, v in swap["mean_change_p_covid"].items())
+    lines += ["", f"Mean |change| of P(COVID): {swap['mean_abs_change_p_covid']:.4f} (mean change: {changes}); "
+              f"{swap['predictions_flipped']} of {result['n']} predictions flipped; mean |pixel change| after "
+              f"preprocessing {swap['mean_abs_pixel_change']:.4f}. A large drop means the model used the file "
+              "format (JPEG artefacts) rather than the lungs.", "",
+              "By the file's real format (read from its content, not its name):", "",
+              "| class, format | images | mean P(COVID) | accuracy | mean P(COVID) re-encoded | accuracy re-encoded |",
+              "|---|---|---|---|---|---|"]
+    for name, row in swap["by_original_format"].items():
+        lines.append(f"| {name} | {row['n']} | {row['mean_p_covid']:.3f} | {_pct(row['accuracy'])} | "
+                     f"{row['mean_p_covid_reencoded']:.3f} | {_pct(row['accuracy_reencoded'])} |")
+    lines.append("")
+    return "\n".join(lines)
