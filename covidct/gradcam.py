@@ -29,8 +29,11 @@ from PIL import Image
 from scipy import ndimage
 
 import minicnn as mc
+from minicnn.models.resnet import BACKBONE, HEAD, ResNet
 
 from .errors import CovidCTError
+
+RESNET_STAGES = list(BACKBONE) + list(HEAD)
 
 __all__ = ["gradcam", "default_layer_index", "feature_maps", "lung_mask", "otsu_threshold", "mass_inside",
            "resize_map"]
@@ -41,14 +44,20 @@ _FEATURE_LAYERS = (mc.Conv2d, mc.MaxPool2d, mc.AdaptiveAvgPool2d)
 
 
 def _layers(model) -> list:
+    """The model's stages in forward order (a ResNet's: conv1, bn1, ..., layer4, avgpool, flatten, fc)."""
+    if isinstance(model, ResNet):
+        return [getattr(model, name) for name in RESNET_STAGES]
     if not isinstance(model, mc.Sequential):
-        raise CovidCTError(f"Grad-CAM needs a minicnn Sequential model, got {type(model).__name__}")
+        raise CovidCTError(f"Grad-CAM needs a minicnn Sequential model or a ResNet, got {type(model).__name__}")
     return list(model)
 
 
 def default_layer_index(model) -> int:
     """Index of the last ReLU that directly follows a Conv2d or BatchNorm2d before the first
-    Flatten / AdaptiveAvgPool2d: the last conv feature map (after its non-linearity)."""
+    Flatten / AdaptiveAvgPool2d: the last conv feature map (after its non-linearity).
+    For a ResNet: the output of layer4 (its last residual block, after the ReLU)."""
+    if isinstance(model, ResNet):
+        return RESNET_STAGES.index("layer4")
     layers = _layers(model)
     stop = next((i for i, layer in enumerate(layers) if isinstance(layer, _TO_VECTOR)), len(layers))
     candidates = [i for i in range(1, stop) if isinstance(layers[i], mc.ReLU)

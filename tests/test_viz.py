@@ -234,3 +234,16 @@ def test_cli_viz_actions_in_process(run, tmp_path, capsys):
     assert all(is_png(tmp_path / name) for name in ("f.png", "m.png", "g.png"))
     assert main(["viz", "filters", "--checkpoint", str(tmp_path / "missing.npz"), "--out", "x.png"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_gradcam_on_resnet18_uses_layer4_and_leaves_no_gradients():
+    from covidct.gradcam import default_layer_index, gradcam
+    from minicnn.models import resnet18
+
+    model = resnet18(num_classes=2, in_channels=1, rng=np.random.default_rng(0))
+    assert default_layer_index(model) == 7  # conv1, bn1, relu, maxpool, layer1..layer4
+    x = np.random.default_rng(1).standard_normal((2, 1, 64, 64)).astype(np.float32)
+    heatmaps = gradcam(model, x)
+    assert heatmaps.shape == (2, 64, 64) and heatmaps.min() >= 0 and heatmaps.max() <= 1
+    assert heatmaps.max() > 0
+    assert all(p.grad is None for p in model.parameters())
