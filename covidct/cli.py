@@ -305,8 +305,13 @@ RUNNERS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict,
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_reporting_errors(RUNNERS[args.command], args)
+
+
+def run_reporting_errors(runner, args) -> int:
+    """runner(args), with user mistakes as one line 'error: ...' (exit 2) and Ctrl-C as exit 130."""
     try:
-        return RUNNERS[args.command](args)
+        return runner(args)
     except CovidCTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from covidct.cli import cache_root, synthetic_dataset  # noqa: E402
+from covidct.cli import cache_root, run_reporting_errors, synthetic_dataset  # noqa: E402
 from covidct.data import list_splits, read_dataset  # noqa: E402
 from covidct.errors import CovidCTError  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
@@ -36,14 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    try:
-        return run(args)
-    except CovidCTError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(run, args)
 
 
 def run(args) -> int:

@@ -5,7 +5,7 @@ w[:, :, ky, kx] form a strided slice of the padded image. im2col copies those
 kh*kw slices into one buffer; col2im adds gradients back through the same
 slices. Only the kernel window is looped over (as in Chainer), never pixels or
 batch items, so the same code runs on NumPy and CuPy and needs no fancy-index
-scatter (``np.add.at``): overlapping windows simply accumulate with ``+=``.
+scatter (NumPy's ``add.at``): overlapping windows simply accumulate with ``+=``.
 
 Buffer layout: col[c, ky, kx, n, oy, ox] = x_padded[n, c, oy*sy + ky, ox*sx + kx]
 so that ``col.reshape(C*kh*kw, N*OH*OW)`` is the right-hand side of the

@@ -54,10 +54,10 @@ class Optimizer:
 
     def state_dict(self) -> dict:
         """{'step', 'lr', '<i>.<buffer>' ...}: NumPy copies, safe to keep while training goes on."""
-        state = {"step": np.array(self.step_count), "lr": np.array(self.lr)}
+        state = {"step": np.array(self.step_count), "lr": np.array(self.lr)}  # host-ok
         for index, buffers in enumerate(self.state):
             for name, value in buffers.items():
-                state[f"{index}.{name}"] = np.array(as_numpy(value))
+                state[f"{index}.{name}"] = np.array(as_numpy(value))  # host-ok
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -88,7 +88,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     array = storage.array
     count = math.prod(size)
     if count == 0:
-        out = np.empty(size, dtype=array.dtype)
+        out = np.empty(size, dtype=array.dtype)  # host-ok
     else:
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))    # the furthest element read
         if last >= array.size:
@@ -99,7 +99,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         itemsize = array.itemsize
         view = np.lib.stride_tricks.as_strided(array[storage_offset:], shape=size,
                                                strides=tuple(s * itemsize for s in stride), writeable=False)
-        out = np.array(view, order="C")                                            # the copy
+        out = np.array(view, order="C")                                            # the copy  # host-ok
     out = out.astype(out.dtype.newbyteorder("="), copy=False)                     # native byte order
     if storage.type.name == "BFloat16Storage":                                    # bfloat16 = top half of a float32
         out = (out.astype(np.uint32) << 16).view(np.float32)

@@ -20,11 +20,11 @@ class BatchNorm2d(Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, *, dtype=np.float32):
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = Parameter(np.ones(num_features, dtype=dtype))
-        self.bias = Parameter(np.zeros(num_features, dtype=dtype))
-        self.register_buffer("running_mean", np.zeros(num_features, dtype=dtype))
-        self.register_buffer("running_var", np.ones(num_features, dtype=dtype))
-        self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        self.weight = Parameter(np.ones(num_features, dtype=dtype))  # host-ok
+        self.bias = Parameter(np.zeros(num_features, dtype=dtype))  # host-ok
+        self.register_buffer("running_mean", np.zeros(num_features, dtype=dtype))  # host-ok
+        self.register_buffer("running_var", np.ones(num_features, dtype=dtype))  # host-ok
+        self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))  # host-ok
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

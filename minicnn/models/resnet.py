@@ -168,7 +168,7 @@ def to_grayscale_conv1(model: ResNet) -> Conv2d:
     if old.in_channels == 1:
         return old
     conv = Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None,
-                  rng=np.random.default_rng(0), dtype=old.weight.data.dtype)   # weights replaced below
+                  rng=np.random.default_rng(0), dtype=old.weight.data.dtype)   # replaced below  # host-ok
     conv.weight.data = old.weight.data.sum(axis=1, keepdims=True)          # stays on the model's device
     if old.bias is not None:
         conv.bias.data = old.bias.data.copy()
@@ -192,6 +192,6 @@ def load_pretrained(model: ResNet, source, *, strict: bool = True) -> ResNet:
         state = load_state_dict_file(source)
     for key in model.state_dict():
         if key.endswith(".num_batches_tracked") and key not in state:
-            state[key] = np.array(0, dtype=np.int64)
+            state[key] = np.array(0, dtype=np.int64)  # host-ok
     model.load_state_dict(state, strict=strict)
     return model
