@@ -11,6 +11,8 @@ class Flatten(Module):
         self.save_for_backward(x.shape)
         return x.reshape(x.shape[0], -1)
 
+    # Backward: flattening only renumbers the elements, so the gradient of each
+    # input element is the gradient of the output element it became.
     def backward(self, grad_output):
         (x_shape,) = self.saved_for_backward()
         return grad_output.reshape(x_shape)
