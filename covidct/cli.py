@@ -42,7 +42,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the generated synthetic phantom dataset)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data name>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.npz")
-    parser.add_argument("--model", default=defaults.model, help="model preset: default, seed (the 2020 CNNv3), tiny")
+    parser.add_argument("--model", default=defaults.model,
+                        help="model preset: default, seed (the 2020 CNNv3), deep, resnet18, tiny")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's)")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -67,6 +68,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="decoded-image cache (default: under $COVIDCT_CACHE)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in a file)")
     parser.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
+    parser.add_argument("--pretrained", default=None, metavar="PATH",
+                        help="start from these weights: torchvision's resnet18-f37072fd.pth (read without torch), "
+                             "a minicnn .npz or a covidct checkpoint; tensors that do not fit stay fresh")
+    parser.add_argument("--freeze-backbone", action="store_true",
+                        help="with --model resnet18: train only the fc head (the backbone runs forward only)")
 
 
 def config_from_args(args) -> "TrainConfig":

@@ -14,6 +14,9 @@ Presets:
            No dropout: on both the phantom and the real validation split it only slowed
            learning (see README, "Real-data results").
   tiny     a very small member for tests and smoke runs.
+  deep     (other family) 4 conv+BatchNorm blocks and global average pooling.
+  resnet18 (other family) torchvision's ResNet-18 with 1-channel input and a 2-way head;
+           start it from ImageNet weights with ``covidct train --pretrained resnet18-f37072fd.pth``.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 import minicnn as mc
+from minicnn.models import resnet18
 
 from .errors import CovidCTError
 
@@ -103,11 +107,29 @@ class DeepConfig:
         return self.channels[-1], 1, 1
 
 
+@dataclass
+class ResNetConfig:
+    """torchvision's ResNet-18 (minicnn.models.resnet18) with a 2-way head and 1-channel input."""
+    input_size: int = 224
+    in_channels: int = 1
+    num_classes: int = 2
+    arch: str = "resnet18"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def feature_shape(self) -> tuple[int, int, int]:
+        if self.input_size < 32:
+            raise CovidCTError(f"input size {self.input_size} is too small for ResNet-18; use at least 32")
+        return 512, 1, 1
+
+
 PRESETS = {
     "seed": ModelConfig(input_size=224, conv1=ConvBlock(32, 3, 1, 1, 2), conv2=ConvBlock(64, 3, 1, 0, 2),
                         hidden=(1000, 500), dropout=0.0),
     "default": ModelConfig(),
     "deep": DeepConfig(),
+    "resnet18": ResNetConfig(),
     "tiny": ModelConfig(input_size=32, conv1=ConvBlock(4, 3, 1, 1, 2), conv2=ConvBlock(8, 3, 1, 1, 2),
                         hidden=(16, 8), dropout=0.1),
 }
@@ -121,6 +143,8 @@ def preset(name: str):
 
 def config_from_dict(data: dict):
     """ModelConfig or DeepConfig, from the dict stored in a checkpoint."""
+    if data.get("arch") == "resnet18":
+        return ResNetConfig(**data)
     if data.get("arch") == "deep":
         data = dict(data, channels=tuple(data["channels"]))
         return DeepConfig(**data)
@@ -131,6 +155,9 @@ def build_model(config, seed: int = 0) -> mc.Sequential:
     """The network for ``config``, weights drawn from ``numpy.random.default_rng(seed)``."""
     if isinstance(config, DeepConfig):
         return build_deep(config, seed)
+    if isinstance(config, ResNetConfig):
+        config.feature_shape()
+        return resnet18(config.num_classes, config.in_channels, rng=np.random.default_rng(seed))
     rng = np.random.default_rng(seed)
     c1, c2 = config.conv1, config.conv2
     channels, height, width = config.feature_shape()

@@ -65,6 +65,8 @@ class TrainConfig:
     cache_dir: str | None = None
     skip_bad: bool = False
     progress: bool = True
+    pretrained: str | None = None       # weights to start from: torch .pth, minicnn .npz, covidct checkpoint
+    freeze_backbone: bool = False       # ResNet-18: train only the fc head
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -86,6 +88,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise CovidCTError(message)
+        if self.freeze_backbone and self.model != "resnet18":
+            raise CovidCTError(f"--freeze-backbone needs --model resnet18, got --model {self.model}")
+        if self.pretrained and not Path(self.pretrained).is_file():
+            raise CovidCTError(f"--pretrained {self.pretrained}: no such file")
         if self.device == "gpu" and not mc.gpu_available():
             raise CovidCTError(f"--device gpu: {mc.backend.gpu_status()[1]}")
 
@@ -144,6 +150,39 @@ def load_split(config: TrainConfig, split: str, preprocess: Preprocess):
                        progress=config.progress)
 
 
+IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = 0.449, 0.226   # ImageNet's RGB statistics, averaged
+
+
+def load_pretrained_weights(model, path, log=print) -> int:
+    """Copy every tensor of ``path`` whose name and shape fit ``model``; returns how many.
+
+    A 3-channel conv1 (ImageNet) is summed over RGB to fit a 1-channel model; tensors that
+    do not fit (the 1000-way ImageNet fc) keep their fresh initialisation.
+    """
+    from minicnn.torch_load import load_state_dict_file
+
+    try:
+        state = load_state_dict_file(path)
+    except Exception as error:  # pickle refusals, bad zips, ...: one line for the user
+        raise CovidCTError(f"--pretrained {path}: cannot read weights ({error})") from None
+    if any(key.startswith("model.") for key in state):  # a covidct checkpoint
+        state = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
+    own = model.state_dict()
+    fitting = {}
+    for key, value in state.items():
+        if key == "conv1.weight" and value.ndim == 4 and value.shape[1] == 3 and own.get(key) is not None \
+                and own[key].shape[1] == 1:
+            value = value.sum(axis=1, keepdims=True)             # RGB filters -> one gray filter
+        if key in own and tuple(value.shape) == tuple(own[key].shape):
+            fitting[key] = value
+    if not fitting:
+        raise CovidCTError(f"--pretrained {path}: no tensor matches the model's names and shapes")
+    model.load_state_dict(fitting, strict=False)
+    fresh = [key for key in own if key not in fitting]
+    log(f"loaded {len(fitting)} pretrained tensors from {path}; freshly initialised: {fresh or 'none'}")
+    return len(fitting)
+
+
 def dropout_rngs(model):
     return [layer.rng for layer in model.modules() if isinstance(layer, mc.Dropout)]
 
@@ -162,8 +201,14 @@ class Trainer:
         self.val_images, self.val_labels, self.val_paths = load_split(config, config.val_split, self.preprocess)
         self.mean, self.std = compute_normalization(self.train_images)  # training split only
 
-        self.model = build_model(self.model_config, seed=config.seed).to(config.device)
-        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.model = build_model(self.model_config, seed=config.seed)
+        if config.pretrained:
+            load_pretrained_weights(self.model, config.pretrained, log)
+            if Path(config.pretrained).suffix in (".pth", ".pt"):  # ImageNet weights: ImageNet's statistics
+                self.mean, self.std = IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
+        self.model.to(config.device)
+        trained = self.model.fc.parameters() if config.freeze_backbone else self.model.parameters()
+        self.optimizer = make_optimizer(config, trained)
         self.criterion = mc.SoftmaxCrossEntropy(class_weights(config.class_weights, self.train_labels))
         self.augment = parse_augment(config.augment)
         self.loader = DataLoader(self.train_images, self.train_labels, config.batch_size, shuffle=True,
@@ -215,19 +260,32 @@ class Trainer:
             batches = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False, unit="batch")
         for batch_index, (x, y) in enumerate(batches):
             self.optimizer.zero_grad()
-            logits = self.model(x)
+            logits = self.forward_for_training(x)
             loss = float(self.criterion(logits, y))
             if not math.isfinite(loss):
                 raise CovidCTError(
                     f"training diverged at epoch {epoch + 1}, batch {batch_index + 1}: loss is {loss}; "
                     f"the last good checkpoint is {self.run_dir / 'last.npz'}; try a lower --lr")
-            self.model.backward(self.criterion.backward())
+            grad_logits = self.criterion.backward()
+            if self.config.freeze_backbone:
+                self.model.fc.backward(grad_logits)              # only the head learns
+            else:
+                self.model.backward(grad_logits)
             self.optimizer.step()
             batch_correct = int((mc.as_numpy(logits).argmax(axis=1) == mc.as_numpy(y)).sum())
             total_loss, correct, seen = total_loss + loss * len(y), correct + batch_correct, seen + len(y)
             if self.config.progress:
                 batches.set_postfix(loss=f"{loss:.3f}", acc=f"{batch_correct / len(y):.2f}")
         return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
+
+    def forward_for_training(self, x):
+        """The model's logits; a frozen backbone runs in eval mode and keeps nothing for backward."""
+        if not self.config.freeze_backbone:
+            return self.model(x)
+        self.model.eval()                                        # BatchNorm uses its running statistics
+        features = self.model.features(x, keep_for_backward=False)
+        self.model.fc.train()
+        return self.model.fc(features)
 
     def validate(self) -> tuple[dict, np.ndarray]:
         scores = predict_proba(self.model, self.val_images, self.mean, self.std, device=self.config.device)
