@@ -194,14 +194,7 @@ def main(argv=None) -> int:
     only = set(common.parse_list(args.layers)) if args.layers else None
 
     machine = common.machine_description()
-    skipped, backends = {}, []
-    for key in keys:
-        why = common.backend_unavailable(key)
-        if why:
-            skipped[common.BACKENDS[key]] = why
-            print(f"skipping {common.BACKENDS[key]}: {why}", file=sys.stderr)
-        else:
-            backends.append(common.BACKENDS[key])
+    backends, skipped = common.usable_backends(keys)
     if any(b.startswith("torch") for b in backends):
         import torch  # noqa: F401  (imported before set_threads so that it is limited too)
     common.set_threads(args.threads)

@@ -343,15 +343,7 @@ def main(argv=None) -> int:
     keys = common.parse_list(args.backends, common.BACKENDS)
 
     machine = common.machine_description()
-    skipped = {}
-    backends = []
-    for key in keys:
-        why = common.backend_unavailable(key)
-        if why:
-            skipped[common.BACKENDS[key]] = why
-            print(f"skipping {common.BACKENDS[key]}: {why}", file=sys.stderr)
-        else:
-            backends.append(common.BACKENDS[key])
+    backends, skipped = common.usable_backends(keys)
 
     specs = [{"model": model, "batch": batch, "backend": backend, "repeats": args.repeats,
               "warmup": args.warmup, "threads": args.threads}

@@ -50,6 +50,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -376,6 +377,19 @@ class GpuPeakMemory:
 
 
 # -- output ------------------------------------------------------------------------------------
+
+def usable_backends(keys) -> tuple[list[str], dict]:
+    """Backend names that can run here, and {name: why not} for the others (also printed)."""
+    backends, skipped = [], {}
+    for key in keys:
+        why = backend_unavailable(key)
+        if why:
+            skipped[BACKENDS[key]] = why
+            print(f"skipping {BACKENDS[key]}: {why}", file=sys.stderr)
+        else:
+            backends.append(BACKENDS[key])
+    return backends, skipped
+
 
 def markdown_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` is one letter per column (l/r), default: text left, numbers right."""
