@@ -39,6 +39,16 @@ def assert_gpu_matches(gpu_value, cpu_value, cupy, rtol=RTOL, what="value"):
     np.testing.assert_allclose(host, expected, rtol=rtol, atol=rtol * max(scale, 1e-6), err_msg=what)
 
 
+def assert_optimizer_state_on_gpu(optimizer, gpu, what="optimizer state"):
+    """Every state array lives on the GPU; Adam's per-parameter step count stays a host int (like torch's)."""
+    for buffers in optimizer.state:
+        for buffer_name, value in buffers.items():
+            if buffer_name == "step":
+                assert isinstance(value, int), f"{what}: step count is {type(value)}, expected a host int"
+            else:
+                assert isinstance(value, gpu.ndarray), f"{what}: {buffer_name} is not on the GPU"
+
+
 def on_gpu(module):
     """A GPU copy of a CPU module (same weights; a Dropout copy keeps the same random stream)."""
     return copy.deepcopy(module).to("gpu")
@@ -184,9 +194,7 @@ def test_optimizer_step_matches_cpu(gpu, name):
         gpu_optimizer.step()
     for index, (param, gpu_param) in enumerate(zip(params, gpu_params)):
         assert_gpu_matches(gpu_param.data, param.data, gpu, rtol=1e-5, what=f"{name} parameter {index}")
-    for buffers in gpu_optimizer.state:
-        for buffer_name, array in buffers.items():
-            assert isinstance(array, gpu.ndarray), f"optimizer state {buffer_name} is not on the GPU"
+    assert_optimizer_state_on_gpu(gpu_optimizer, gpu)
     # The state_dict is host NumPy (for .npz checkpoints) and equals the CPU optimizer's.
     state, gpu_state = optimizer.state_dict(), gpu_optimizer.state_dict()
     assert state.keys() == gpu_state.keys()
@@ -290,9 +298,7 @@ def test_optimizer_state_follows_the_model_to_the_gpu(gpu, name):
         else:
             train_step(moved, moved_optimizer, criterion, minicnn.to_device(x, "gpu"), minicnn.to_device(labels, "gpu"))
 
-    for buffers in moved_optimizer.state:
-        for buffer_name, array in buffers.items():
-            assert isinstance(array, gpu.ndarray), f"optimizer state {buffer_name} stayed on the CPU"
+    assert_optimizer_state_on_gpu(moved_optimizer, gpu, what="state after model.to('gpu')")
     moved_state = moved.state_dict()
     for key, value in reference.state_dict().items():
         assert_gpu_matches(moved_state[key], value, gpu, what=f"{name}: {key}")
@@ -312,9 +318,7 @@ def test_optimizer_state_dict_loads_onto_the_gpu(gpu):
     resumed.load_state_dict(weights)
     resumed_optimizer = optim.Adam(resumed.parameters(), lr=1e-3)
     resumed_optimizer.load_state_dict(optimizer_state)
-    for buffers in resumed_optimizer.state:
-        for array in buffers.values():
-            assert isinstance(array, gpu.ndarray)
+    assert_optimizer_state_on_gpu(resumed_optimizer, gpu, what="state loaded from a CPU checkpoint")
 
     x, labels = batch(seed=31)
     train_step(reference, reference_optimizer, criterion, x, labels)
