@@ -1,4 +1,4 @@
-"""The ``covidct`` command: train, evaluate, predict, synth, describe, viz.
+"""The ``covidct`` command: train, pretrain, evaluate, predict, synth, describe, viz.
 
 User mistakes (missing path, bad option value, wrong checkpoint) end with one
 line ``error: ...`` and exit status 2, never a traceback.
@@ -72,7 +72,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start from these weights: torchvision's resnet18-f37072fd.pth (read without torch), "
                              "a minicnn .npz or a covidct checkpoint; tensors that do not fit stay fresh")
     parser.add_argument("--freeze-backbone", action="store_true",
-                        help="with --model resnet18: train only the fc head (the backbone runs forward only)")
+                        help="train only the head (ResNet-18: fc; other models: the FC block); the backbone "
+                             "runs forward only, and with --augment none its features are computed once")
+    parser.add_argument("--unfreeze-after", type=int, default=defaults.unfreeze_after, metavar="N",
+                        help="with --freeze-backbone: train the whole network from epoch N+1")
+    parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale, metavar="S",
+                        help="the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning; default 1)")
 
 
 def config_from_args(args) -> "TrainConfig":
@@ -108,6 +113,59 @@ def run_train(args) -> int:
         return 130
     print(f"best epoch {summary['best_epoch']}; checkpoint {config.out}/best.npz; "
           f"plots and predictions in {config.out}/")
+    return 0
+
+
+# -- pretrain ------------------------------------------------------------------------------
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from .pretrain import PretrainConfig
+
+    defaults = PretrainConfig()
+    parser.add_argument("--data", default="", help="dataset (default: the synthetic phantom); only its "
+                        "training images are learned from, without their labels")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/pretrain-<model>-<data name>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.npz")
+    parser.add_argument("--model", default=defaults.model, help="architecture: default, deep, resnet18, tiny, seed")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's; "
+                        "fine-tune at the same size)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--augment", default=defaults.augment, help="augmentation before the rotation (no flips)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device, choices=["cpu", "gpu"])
+    parser.add_argument("--val-split", default=defaults.val_split,
+                        help="split whose images monitor the rotation accuracy ('' for none)")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--skip-bad", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_pretrain(args) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise CovidCTError(f"--resume {args.resume}: no config.json there; is it a covidct pretrain directory?")
+        config = PretrainConfig.from_dict(json.loads(saved.read_text()))
+        config.out, config.progress = args.resume, not args.no_progress
+    else:
+        data = args.data or str(synthetic_dataset())
+        if not Path(data).exists():
+            raise CovidCTError(f"--data {data}: no such file or directory")
+        values = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)}
+        values.update(data=data, progress=not args.no_progress,
+                      cache_dir=args.cache_dir or str(cache_root() / "images"),
+                      out=args.out or str(Path("runs") / f"pretrain-{args.model}-{Path(data).resolve().name}"))
+        config = PretrainConfig(**values)
+    try:
+        pretrain(config, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: completed epochs are saved in {config.out}/last.npz; "
+              f"continue with: covidct pretrain --resume {config.out}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -214,6 +272,9 @@ EXAMPLES = {
     "train": "examples:\n  covidct train                                   # synthetic phantom data\n"
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
              "  covidct train --resume runs/default-covid-ct",
+    "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
+                "--out runs/ssl-default\n"
+                "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",
     "evaluate": "example:\n  covidct evaluate --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val",
     "predict": "example:\n  covidct predict --checkpoint runs/default-covid-ct/best.npz scans/ slice1.png --output preds.csv",
     "synth": "example:\n  covidct synth --out data/phantom --n 600 --seed 1",
@@ -238,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
     add_train_arguments(command("train", "train a classifier; keeps the best epoch by validation AUC"))
+    add_pretrain_arguments(command("pretrain", "self-supervised pretraining (rotation prediction) on the "
+                                   "training images, for covidct train --pretrained"))
 
     evaluate = command("evaluate", "evaluate a checkpoint on a split: the report's metrics, ROC and confusion plots")
     evaluate.add_argument("--checkpoint", required=True)
@@ -305,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
+RUNNERS = {"train": run_train, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
            "describe": run_describe, "viz": run_viz}
 
 

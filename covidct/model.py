@@ -26,6 +26,8 @@ import numpy as np
 
 import minicnn as mc
 from minicnn.models import resnet18
+from minicnn.models.resnet import BACKBONE as RESNET_BACKBONE
+from minicnn.models.resnet import ResNet
 
 from .errors import CovidCTError
 
@@ -195,6 +197,22 @@ def build_deep(config: DeepConfig, seed: int = 0) -> mc.Sequential:
         layers.append(mc.Dropout(config.dropout, rng=rng))
     layers.append(mc.Linear(config.hidden, config.num_classes, rng=rng))
     return mc.Sequential(*layers)
+
+
+def split_backbone_head(model) -> tuple[mc.Sequential, mc.Module]:
+    """(backbone, head) sharing the model's layers: the feature extractor and the classifier.
+
+    ResNet-18: conv1 ... avgpool + flatten | fc.  Two-conv and deep models: every layer up
+    to and including Flatten | the FC block after it. ``head(backbone(x))`` equals
+    ``model(x)``; freezing the backbone means training the head on fixed features.
+    """
+    if isinstance(model, ResNet):
+        return mc.Sequential(*[getattr(model, name) for name in RESNET_BACKBONE]), model.fc
+    layers = list(model)
+    flatten = next((i for i, layer in enumerate(layers) if isinstance(layer, mc.Flatten)), None)
+    if flatten is None:
+        raise CovidCTError(f"cannot split {type(model).__name__} into backbone and head: it has no Flatten")
+    return mc.Sequential(*layers[:flatten + 1]), mc.Sequential(*layers[flatten + 1:])
 
 
 def count_parameters(model: mc.Module) -> int:

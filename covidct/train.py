@@ -29,11 +29,11 @@ from .augment import parse_augment
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import read_dataset
 from .errors import CovidCTError
-from .evaluate import choose_threshold, predict_proba, report_text, write_evaluation
+from .evaluate import choose_threshold, predict_proba, report_text, softmax, write_evaluation
 from .loader import DataLoader
 from .metrics import classification_metrics
-from .model import ModelConfig, build_model, count_parameters, preset
-from .preprocess import Preprocess, compute_normalization, load_images
+from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
+from .preprocess import Preprocess, compute_normalization, load_images, normalize
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
 
@@ -66,7 +66,9 @@ class TrainConfig:
     skip_bad: bool = False
     progress: bool = True
     pretrained: str | None = None       # weights to start from: torch .pth, minicnn .npz, covidct checkpoint
-    freeze_backbone: bool = False       # ResNet-18: train only the fc head
+    freeze_backbone: bool = False       # train only the head (covidct.model.split_backbone_head)
+    unfreeze_after: int = 0             # with freeze_backbone: train everything from epoch N+1 (0: never)
+    backbone_lr_scale: float = 1.0      # backbone lr = lr * this (discriminative fine-tuning)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -88,8 +90,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise CovidCTError(message)
-        if self.freeze_backbone and self.model != "resnet18":
-            raise CovidCTError(f"--freeze-backbone needs --model resnet18, got --model {self.model}")
+        if self.unfreeze_after < 0 or (self.unfreeze_after and not self.freeze_backbone):
+            raise CovidCTError(f"--unfreeze-after {self.unfreeze_after}: expected a number of epochs >= 1, "
+                               f"used together with --freeze-backbone")
+        if not self.backbone_lr_scale > 0:
+            raise CovidCTError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
         if self.pretrained and not Path(self.pretrained).is_file():
             raise CovidCTError(f"--pretrained {self.pretrained}: no such file")
         if self.device == "gpu" and not mc.gpu_available():
@@ -207,8 +212,13 @@ class Trainer:
             if Path(config.pretrained).suffix in (".pth", ".pt"):  # ImageNet weights: ImageNet's statistics
                 self.mean, self.std = IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
         self.model.to(config.device)
-        trained = self.model.fc.parameters() if config.freeze_backbone else self.model.parameters()
-        self.optimizer = make_optimizer(config, trained)
+        self.backbone, self.head = split_backbone_head(self.model)
+        head_ids = {id(param) for param in self.head.parameters()}
+        self.optimizer = make_optimizer(config, [
+            {"params": [p for p in self.model.parameters() if id(p) not in head_ids],
+             "lr_scale": config.backbone_lr_scale},
+            {"params": self.head.parameters()}])
+        self.feature_cache = None   # (train features, val features) while a frozen backbone allows it
         self.criterion = mc.SoftmaxCrossEntropy(class_weights(config.class_weights, self.train_labels))
         self.augment = parse_augment(config.augment)
         self.loader = DataLoader(self.train_images, self.train_labels, config.batch_size, shuffle=True,
@@ -250,45 +260,95 @@ class Trainer:
         self.log(f"resuming {self.run_dir} after epoch {meta['epoch'] + 1}")
 
     # -- one epoch ---------------------------------------------------------------------
+    # -- frozen backbone ------------------------------------------------------------------
+    def frozen(self, epoch: int) -> bool:
+        """Is the backbone frozen in this epoch (--freeze-backbone until --unfreeze-after)?"""
+        return self.config.freeze_backbone and not (self.config.unfreeze_after and epoch >= self.config.unfreeze_after)
+
+    def backbone_features(self, images: np.ndarray):
+        """(N, F) features of the images (normalised here), backbone in eval mode, nothing kept for backward."""
+        self.backbone.eval()
+        chunks = []
+        for start in range(0, len(images), self.config.batch_size):
+            batch = normalize(images[start:start + self.config.batch_size], self.mean, self.std)
+            chunks.append(self.backbone(mc.to_device(batch, self.config.device)))
+            self.backbone.release_saved()
+        return mc.get_array_module(chunks[0]).concatenate(chunks)
+
+    def cached_features(self, epoch: int):
+        """(train, val) features computed once, when the backbone is frozen and images are not augmented:
+        an epoch then costs one pass of the small head. None otherwise."""
+        if not self.frozen(epoch) or self.augment:
+            self.feature_cache = None
+            return None
+        if self.feature_cache is None:
+            started = time.perf_counter()
+            self.feature_cache = (self.backbone_features(self.train_images), self.backbone_features(self.val_images))
+            self.log(f"frozen backbone: cached {self.feature_cache[0].shape[1]} features of "
+                     f"{len(self.train_images)} + {len(self.val_images)} images "
+                     f"in {time.perf_counter() - started:.1f}s")
+        return self.feature_cache
+
+    def feature_batches(self, features, epoch: int):
+        """The loader's shuffled order and batch sizes, over cached features instead of images."""
+        order = np.random.default_rng([self.config.seed, epoch, 0]).permutation(len(features))
+        labels = mc.to_device(self.train_labels.astype(np.int64), self.config.device)
+        xp = mc.get_array_module(features)
+        for batch in range(len(self.loader)):
+            index = xp.asarray(order[batch * self.config.batch_size:(batch + 1) * self.config.batch_size])
+            yield features[index], labels[index]
+
+    # -- one epoch ---------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
+        frozen, cache = self.frozen(epoch), self.cached_features(epoch)
         self.model.train()
         self.loader.set_epoch(epoch)
         total_loss, correct, seen = 0.0, 0, 0
-        batches = self.loader
+        batches = self.loader if cache is None else self.feature_batches(cache[0], epoch)
         if self.config.progress:
             from tqdm import tqdm
-            batches = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False, unit="batch")
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False, unit="batch",
+                           total=len(self.loader))
         for batch_index, (x, y) in enumerate(batches):
             self.optimizer.zero_grad()
-            logits = self.forward_for_training(x)
+            if cache is not None:                                # x: cached backbone features
+                logits = self.head(x)
+            elif frozen:
+                logits = self.head(self.backbone_features_of_batch(x))
+            else:
+                logits = self.model(x)
             loss = float(self.criterion(logits, y))
             if not math.isfinite(loss):
                 raise CovidCTError(
                     f"training diverged at epoch {epoch + 1}, batch {batch_index + 1}: loss is {loss}; "
                     f"the last good checkpoint is {self.run_dir / 'last.npz'}; try a lower --lr")
             grad_logits = self.criterion.backward()
-            if self.config.freeze_backbone:
-                self.model.fc.backward(grad_logits)              # only the head learns
+            if frozen:
+                self.head.backward(grad_logits)                  # only the head learns
             else:
                 self.model.backward(grad_logits)
-            self.optimizer.step()
+            self.optimizer.step()                                # skips parameters without a gradient
             batch_correct = int((mc.as_numpy(logits).argmax(axis=1) == mc.as_numpy(y)).sum())
             total_loss, correct, seen = total_loss + loss * len(y), correct + batch_correct, seen + len(y)
             if self.config.progress:
                 batches.set_postfix(loss=f"{loss:.3f}", acc=f"{batch_correct / len(y):.2f}")
         return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
 
-    def forward_for_training(self, x):
-        """The model's logits; a frozen backbone runs in eval mode and keeps nothing for backward."""
-        if not self.config.freeze_backbone:
-            return self.model(x)
-        self.model.eval()                                        # BatchNorm uses its running statistics
-        features = self.model.features(x, keep_for_backward=False)
-        self.model.fc.train()
-        return self.model.fc(features)
+    def backbone_features_of_batch(self, x):
+        """A frozen backbone on one (normalised, augmented) batch: eval mode, nothing kept for backward."""
+        self.backbone.eval()                                     # BatchNorm uses its running statistics
+        features = self.backbone(x)
+        self.backbone.release_saved()
+        return features
 
-    def validate(self) -> tuple[dict, np.ndarray]:
-        scores = predict_proba(self.model, self.val_images, self.mean, self.std, device=self.config.device)
+    def validate(self, epoch: int) -> tuple[dict, np.ndarray]:
+        cache = self.feature_cache if self.frozen(epoch) else None
+        if cache is not None:
+            self.head.eval()
+            scores = softmax(mc.as_numpy(self.head(cache[1])).astype(np.float64))[:, 1]
+            self.head.release_saved()
+        else:
+            scores = predict_proba(self.model, self.val_images, self.mean, self.std, device=self.config.device)
         metrics = classification_metrics(self.val_labels, scores, 0.5)
         eps = 1e-7
         p_true = np.where(self.val_labels == 1, scores, 1 - scores)
@@ -318,7 +378,7 @@ class Trainer:
             self.optimizer.lr = learning_rate(config, epoch)
             started = time.perf_counter()
             row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.train_epoch(epoch)}
-            val_row, _ = self.validate()
+            val_row, _ = self.validate(epoch)
             row.update(val_row, seconds=time.perf_counter() - started)
             self.history.append(row)
             key = self.selection_key(row)

@@ -81,6 +81,16 @@ class Module:
         self._saved = None
         return saved
 
+    def release_saved(self) -> "Module":
+        """Drop what the last forward saved for backward, here and in every child.
+
+        For forward passes that will have no backward (a frozen backbone, inference):
+        the activations are freed at once instead of at the next forward.
+        """
+        for module in self.modules():
+            module._saved = None
+        return self
+
     # -- traversal ---------------------------------------------------------------
     def named_children(self):
         for name, value in vars(self).items():

@@ -5,6 +5,17 @@ parameters whose grad is None. Per-parameter state (momentum buffers, Adam
 moments) lives on the parameter's device and follows it after ``model.to()``.
 ``state_dict()`` is a flat dict of NumPy arrays, so it can be saved in the
 same ``.npz`` checkpoint as the weights and a run can resume exactly.
+
+Parameter groups (discriminative learning rates): pass a list of dicts instead
+of a list of parameters, each with its own ``lr_scale`` (default 1.0):
+
+    Adam([{"params": backbone_parameters(model), "lr_scale": 0.1},
+          {"params": head_parameters(model)}], lr=1e-3)
+
+A parameter's learning rate is ``optimizer.lr * lr_scale``, so one schedule that
+sets ``optimizer.lr`` drives every group and keeps their ratio. (PyTorch stores an
+absolute ``lr`` per group instead; its schedulers multiply each one by the same
+factor, which is the same thing.)
 """
 from __future__ import annotations
 
@@ -15,9 +26,28 @@ import numpy as np
 from .backend import as_numpy, get_array_module
 
 
+def flatten_groups(params) -> tuple[list, list[float]]:
+    """Parameters, or parameter groups {'params': [...], 'lr_scale': s} -> (parameters, lr scale of each)."""
+    params = list(params)
+    if not params or not isinstance(params[0], dict):
+        return params, [1.0] * len(params)
+    flat, scales = [], []
+    for group in params:
+        unknown = set(group) - {"params", "lr_scale"}
+        if unknown:
+            raise ValueError(f"parameter group has unknown keys {sorted(unknown)}; expected 'params', 'lr_scale'")
+        scale = float(group.get("lr_scale", 1.0))
+        if scale < 0:
+            raise ValueError(f"parameter group lr_scale must be >= 0, got {scale}")
+        members = list(group["params"])
+        flat += members
+        scales += [scale] * len(members)
+    return flat, scales
+
+
 class Optimizer:
     def __init__(self, params, lr: float, defaults: dict):
-        self.params = list(params)
+        self.params, self.lr_scales = flatten_groups(params)
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got an empty parameter list")
         if lr <= 0:
@@ -51,6 +81,10 @@ class Optimizer:
 
     def update(self, index, param):
         raise NotImplementedError
+
+    def param_lr(self, index: int) -> float:
+        """The learning rate of parameter ``index``: lr times its group's lr_scale."""
+        return self.lr * self.lr_scales[index]
 
     def state_dict(self) -> dict:
         """{'step', 'lr', '<i>.<buffer>' ...}: NumPy copies, safe to keep while training goes on."""
@@ -104,7 +138,7 @@ class SGD(Optimizer):
                 velocity *= momentum
                 velocity += grad
             grad = grad + momentum * velocity if self.hyper["nesterov"] else velocity
-        param.data -= self.lr * grad
+        param.data -= self.param_lr(index) * grad
 
 
 class Adam(Optimizer):
@@ -120,9 +154,9 @@ class Adam(Optimizer):
 
     def update(self, index, param):
         (beta1, beta2), eps, weight_decay = self.hyper["betas"], self.hyper["eps"], self.hyper["weight_decay"]
-        grad = param.grad
+        grad, lr = param.grad, self.param_lr(index)
         if weight_decay and self.decoupled_weight_decay:
-            param.data *= 1.0 - self.lr * weight_decay
+            param.data *= 1.0 - lr * weight_decay
         elif weight_decay:
             grad = grad + weight_decay * param.data
         xp = get_array_module(param.data)
@@ -133,7 +167,7 @@ class Adam(Optimizer):
         exp_avg += (1.0 - beta1) * grad
         exp_avg_sq *= beta2
         exp_avg_sq += (1.0 - beta2) * grad * grad
-        step_size = self.lr / (1.0 - beta1 ** t)
+        step_size = lr / (1.0 - beta1 ** t)
         denominator = xp.sqrt(exp_avg_sq) / math.sqrt(1.0 - beta2 ** t) + eps
         param.data -= step_size * exp_avg / denominator
 

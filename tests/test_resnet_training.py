@@ -44,8 +44,10 @@ def test_frozen_backbone_fine_tuning_from_imagenet_shaped_weights(data, tmp_path
     assert model.fc.weight.shape == (2, 512)
 
 
-def test_freeze_backbone_needs_resnet18_and_pretrained_must_exist(data, tmp_path):
-    with pytest.raises(CovidCTError, match="--freeze-backbone needs --model resnet18"):
-        train(config(data, tmp_path / "x", model="tiny", freeze_backbone=True), log=lambda *a: None)
+def test_unfreeze_after_needs_freeze_backbone_and_pretrained_must_exist(data, tmp_path):
+    with pytest.raises(CovidCTError, match="--unfreeze-after 2: .* together with --freeze-backbone"):
+        train(config(data, tmp_path / "x", model="tiny", unfreeze_after=2), log=lambda *a: None)
+    with pytest.raises(CovidCTError, match="--backbone-lr-scale must be > 0"):
+        train(config(data, tmp_path / "z", model="tiny", backbone_lr_scale=0.0), log=lambda *a: None)
     with pytest.raises(CovidCTError, match="--pretrained /no/such.pth: no such file"):
         train(config(data, tmp_path / "y", pretrained="/no/such.pth"), log=lambda *a: None)

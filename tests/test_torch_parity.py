@@ -469,6 +469,48 @@ def test_adam_bias_correction_is_per_parameter_like_torch(name):
     np.testing.assert_allclose(params[1].data, torch_params[1].detach().numpy(), rtol=1e-6, atol=1e-9)
 
 
+GROUP_OPTIMIZERS = {
+    "sgd": (lambda groups: optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=0.01),
+            lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=False)),
+    "adamw": (lambda groups: optim.AdamW(groups, lr=1e-2, weight_decay=0.1),
+              lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, foreach=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_OPTIMIZERS))
+def test_parameter_groups_match_torch_per_group_lr(name):
+    """lr_scale 0.1 on the first two parameters = torch's param group with lr * 0.1, also after an lr change."""
+    make, make_torch = GROUP_OPTIMIZERS[name]
+    params = make_params()
+    torch_params = [torch.nn.Parameter(t(p.data)) for p in params]
+    optimizer = make([{"params": params[:2], "lr_scale": 0.1}, {"params": params[2:]}])
+    base_lr = optimizer.lr
+    torch_optimizer = make_torch([{"params": torch_params[:2], "lr": base_lr * 0.1}, {"params": torch_params[2:]}])
+    for step in range(4):
+        if step == 2:                                     # a schedule changes lr: every group follows
+            optimizer.lr = base_lr * 0.5
+            for group, scale in zip(torch_optimizer.param_groups, (0.1, 1.0)):
+                group["lr"] = base_lr * 0.5 * scale
+        optimizer.zero_grad()
+        torch_optimizer.zero_grad()
+        for param, torch_param, grad in zip(params, torch_params, fake_grads([p.data for p in params], step)):
+            param.accumulate_grad(grad)
+            torch_param.grad = t(grad)
+        optimizer.step()
+        torch_optimizer.step()
+    for index, (param, torch_param) in enumerate(zip(params, torch_params)):
+        np.testing.assert_allclose(param.data, torch_param.detach().numpy(), rtol=1e-6, atol=1e-9,
+                                   err_msg=f"{name}, parameter {index}")
+
+
+def test_parameter_group_errors_say_what_was_expected():
+    params = make_params()
+    with pytest.raises(ValueError, match="unknown keys \\['lr'\\]"):
+        optim.SGD([{"params": params, "lr": 0.1}], lr=0.1)
+    with pytest.raises(ValueError, match="lr_scale must be >= 0"):
+        optim.SGD([{"params": params, "lr_scale": -1}], lr=0.1)
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_optimizer_state_dict_round_trip_is_exact(name):
     make, _ = OPTIMIZERS[name]

@@ -86,8 +86,7 @@ class ResNet(Module):
         for name in BACKBONE:
             x = getattr(self, name)(x)
         if not keep_for_backward:
-            for module in self.modules():
-                module._saved = None
+            self.release_saved()
         return x
 
     def forward(self, x):
