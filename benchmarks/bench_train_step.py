@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train_step.py                  # full: default, lenet, seed at batch 12 and 65
     python benchmarks/bench_train_step.py --quick          # default + lenet, batch 12, 2 repeats (< 1 min)
+    python benchmarks/bench_train_step.py --models resnet18 --batches 8,32 --backends numpy,torch,torch-cl
+                                                           # ResNet-18 at 1x224x224 (covidct --model resnet18)
     python benchmarks/bench_train_step.py --models default --batches 32 --backends numpy,torch \\
         --repeats 20 --threads 1 --json results.json
 
@@ -37,8 +39,12 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 
-MODEL_NAMES = ("default", "lenet", "seed", "tiny", "deep")
+MODEL_NAMES = ("default", "lenet", "seed", "tiny", "deep", "resnet18")
 LR, MOMENTUM = 1e-3, 0.9
+# Batch sizes when --batches is not given: (full run, --quick). ResNet-18 at 224x224 costs ~15x the
+# default CNN per image, so it gets smaller batches (8 and 32 keep a full minicnn-NumPy run at minutes).
+DEFAULT_BATCHES = {"resnet18": ((8, 32), (4,))}
+OTHER_BATCHES = ((12, 65), (12,))
 NUMPY_MEMORY_LIMIT = 8 * common.GIB   # the seed preset at batch 65 must stay below this on minicnn-numpy
 
 
@@ -60,10 +66,20 @@ def build_lenet(seed: int = 0):
         mc.Linear(84, 2, rng=rng))
 
 
+def build_resnet18(seed: int = 0):
+    """What ``covidct train --model resnet18`` trains: torchvision's ResNet-18 with a 1-channel
+    conv1 and a 2-way fc, on 1x224x224. PyTorch gets the same network from
+    ``torch_resnet.py`` (through common.torch_layer_from), with these weights."""
+    from minicnn.models import resnet18
+    return resnet18(num_classes=2, in_channels=1, rng=np.random.default_rng(seed))
+
+
 def build(name: str, seed: int = 0):
     """(minicnn model, input shape (C, H, W), number of classes)."""
     if name == "lenet":
         return build_lenet(seed), (1, 224, 224), 2
+    if name == "resnet18":
+        return build_resnet18(seed), (1, 224, 224), 2
     from covidct.model import build_model, preset
     config = preset(name)
     return build_model(config, seed), (config.in_channels, config.input_size, config.input_size), config.num_classes
@@ -315,7 +331,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=None, help="comma list from " + ",".join(MODEL_NAMES)
                         + " (default: default,lenet,seed; --quick: default,lenet)")
-    parser.add_argument("--batches", default=None, help="comma list (default 12,65; --quick: 12)")
+    parser.add_argument("--batches", default=None,
+                        help="comma list (default 12,65, resnet18 8,32; --quick: 12, resnet18 4)")
     parser.add_argument("--backends", default=",".join(common.BACKENDS),
                         help="comma list from " + ",".join(common.BACKENDS) + " (unusable ones are skipped)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; --quick: 2)")
@@ -334,12 +351,15 @@ def main(argv=None) -> int:
         return child_main(args.child, args.child_out)
 
     args.models = args.models or ("default,lenet" if args.quick else "default,lenet,seed")
-    args.batches = args.batches or ("12" if args.quick else "12,65")
     args.repeats = args.repeats or (2 if args.quick else 10)
     args.isolate = args.isolate or ("library" if args.quick else "case")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     models = common.parse_list(args.models, MODEL_NAMES)
-    batches = common.parse_list(args.batches, kind=int)
+    if args.batches:
+        batches = {model: common.parse_list(args.batches, kind=int) for model in models}
+    else:
+        batches = {model: list(DEFAULT_BATCHES.get(model, OTHER_BATCHES)[1 if args.quick else 0])
+                   for model in models}
     keys = common.parse_list(args.backends, common.BACKENDS)
 
     machine = common.machine_description()
@@ -347,7 +367,7 @@ def main(argv=None) -> int:
 
     specs = [{"model": model, "batch": batch, "backend": backend, "repeats": args.repeats,
               "warmup": args.warmup, "threads": args.threads}
-             for model in models for batch in batches for backend in backends]
+             for model in models for batch in batches[model] for backend in backends]
     if args.isolate == "case":
         groups = [[spec] for spec in specs]
     elif args.isolate == "library":

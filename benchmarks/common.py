@@ -493,6 +493,12 @@ def _torch_module(layer):
     import torch
     import minicnn
     nn = torch.nn
+    from minicnn.models.resnet import ResNet
+    if isinstance(layer, ResNet):
+        if tuple(len(getattr(layer, f"layer{i}")) for i in range(1, 5)) != (2, 2, 2, 2):
+            raise TypeError("only ResNet-18 (2-2-2-2 BasicBlocks) has a torch twin here")
+        from torch_resnet import torch_resnet18   # benchmarks/torch_resnet.py
+        return torch_resnet18(layer.num_classes, layer.in_channels)
     if isinstance(layer, minicnn.Sequential):
         return nn.Sequential(*[_torch_module(child) for child in layer])
     if isinstance(layer, minicnn.Conv2d):
@@ -517,7 +523,8 @@ def _torch_module(layer):
 
 def torch_layer_from(layer):
     """A torch.nn module with the same hyper-parameters and the same weights as a minicnn
-    layer or Sequential (state_dict keys such as "0.weight" match; loaded with strict=True)."""
+    layer, Sequential or ResNet-18 (state_dict keys such as "0.weight" or "layer1.0.bn1.running_var"
+    match; loaded with strict=True, BatchNorm statistics included)."""
     import numpy as np
     import torch
     import minicnn

@@ -10,6 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+import minicnn as mc
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 TIMEOUT = 240  # a guard against hangs only; both quick runs take well under a minute on 2 cores
@@ -74,3 +79,37 @@ def test_bench_layers_quick(tmp_path):
     if HAS_TORCH:
         assert all(r["ratio_torch"] > 0 for r in rows if r["backend"] == "minicnn-numpy")
     assert "## default model shapes, batch 12" in result.stdout
+
+
+def test_benchmark_torch_resnet18_has_minicnn_weights():
+    """The PyTorch ResNet-18 that bench_train_step times (benchmarks/torch_resnet.py, through
+    common.torch_layer_from) is minicnn's network with minicnn's weights: same logits."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import bench_train_step
+        import common
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    torch.set_num_threads(1)
+    model, shape, classes = bench_train_step.build("resnet18")
+    assert shape == (1, 224, 224) and classes == 2          # what `covidct train --model resnet18` trains
+    rng = np.random.default_rng(0)
+    for module in model.modules():                           # non-trivial statistics, so copying them counts
+        if isinstance(module, mc.BatchNorm2d):
+            c = module.num_features
+            module.weight.data = rng.uniform(0.5, 1.5, c).astype(np.float32)
+            module.bias.data = rng.normal(0, 0.2, c).astype(np.float32)
+            module.running_mean = rng.normal(0, 0.2, c).astype(np.float32)
+            module.running_var = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    net = common.torch_layer_from(model)
+    x = rng.standard_normal((2, 1, 64, 64), dtype=np.float32)   # small: any H, W >= 32 works
+    for train in (False, True):
+        model.train(train)
+        net.train(train)
+        with torch.no_grad():
+            expected = net(torch.from_numpy(x.copy())).numpy()
+        logits = model(x)
+        assert logits.shape == (2, 2)
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
+                                   err_msg=f"train={train}")

@@ -13,6 +13,7 @@ import pytest
 import minicnn
 from minicnn import optim
 from minicnn.backend import gpu_status, to_device
+from minicnn.layers import BasicBlock, make_downsample
 
 RTOL = 1e-4   # float32, CPU BLAS vs cuBLAS
 
@@ -99,6 +100,11 @@ LAYERS = {
     "maxpool3_s2_p1": (lambda: minicnn.MaxPool2d(3, stride=2, padding=1), (2, 2, 7, 8)),
     "maxpool2x3": (lambda: minicnn.MaxPool2d((2, 3)), (1, 2, 6, 9)),
     "relu": (lambda: minicnn.ReLU(), (2, 3, 4, 5)),
+    "batchnorm": (lambda: minicnn.BatchNorm2d(3), (2, 3, 4, 5)),
+    "batchnorm_eval": (lambda: minicnn.BatchNorm2d(3).eval(), (2, 3, 4, 5)),
+    "basic_block": (lambda: BasicBlock(3, 3, rng=_rng()), (2, 3, 6, 5)),
+    "basic_block_downsample": (lambda: BasicBlock(2, 4, 2, make_downsample(2, 4, 2, rng=_rng()), rng=_rng()),
+                               (2, 2, 7, 6)),
     "flatten": (lambda: minicnn.Flatten(), (2, 3, 4, 5)),
     "linear": (lambda: minicnn.Linear(5, 3, rng=_rng()), (4, 5)),
     "dropout": (lambda: minicnn.Dropout(0.3, rng=np.random.default_rng(9)), (4, 3, 5, 5)),

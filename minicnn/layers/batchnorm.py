@@ -35,39 +35,56 @@ class BatchNorm2d(Module):
                              f"got shape {getattr(x, 'shape', type(x))}")
         check_same_device("BatchNorm2d", x, self.weight.data)
         xp = get_array_module(x)
-        axes = (0, 2, 3)
         if self.training:
             count = x.size // self.num_features                       # M = N*H*W values per channel
             if count < 2:
                 raise ValueError(f"BatchNorm2d: training needs more than 1 value per channel, got input {tuple(x.shape)}")
-            mean = x.mean(axis=axes)                                  # (C,)
-            var = x.var(axis=axes)                                    # (C,) biased
+            mean = x.mean(axis=(0, 2, 3))                             # (C,)
+            x_centered = x - mean[:, None, None]                      # (N, C, H, W)
+            var = channel_dot(x_centered, x_centered) / count         # (C,) biased
             m = self.momentum
             self.running_mean = (1 - m) * self.running_mean + m * mean.astype(self.running_mean.dtype)
             self.running_var = (1 - m) * self.running_var + m * (var * (count / (count - 1))).astype(self.running_var.dtype)
             self.num_batches_tracked = self.num_batches_tracked + 1
         else:
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
+            x_centered = x - mean[:, None, None]
         inv_std = 1.0 / xp.sqrt(var + self.eps)                       # (C,)
-        x_hat = (x - mean[:, None, None]) * inv_std[:, None, None]    # (N, C, H, W)
-        self.save_for_backward(x_hat, inv_std, self.training)
-        return x_hat * self.weight.data[:, None, None] + self.bias.data[:, None, None]
+        # y = x_hat * gamma + beta with x_hat = x_centered * inv_std, folded into one scale
+        # per channel. With var from x_centered (channel_dot, not x.var, which re-computes
+        # the mean and squares into a temporary), the train forward reads the data 5 times
+        # instead of 9. Backward works from x_centered and inv_std: x_hat is never stored.
+        out = x_centered * (self.weight.data * inv_std)[:, None, None]
+        out += self.bias.data[:, None, None]
+        self.save_for_backward(x_centered, inv_std, self.training)
+        return out
 
-    # Backward, per channel with M = N*H*W values and G = grad_out:
+    # Backward, per channel with M = N*H*W values, G = grad_out, x_hat = (x - mean) * inv_std:
     #   dL/dbeta  = sum G                 dL/dgamma = sum G * x_hat
     #   train: mean and var depend on x, which gives the compact form
     #     dL/dx = gamma * inv_std / M * (M * G - sum G - x_hat * sum(G * x_hat))
     #   eval: the statistics are constants:  dL/dx = gamma * inv_std * G
+    # Computed as scale * G - x_centered * k - c with per-channel constants
+    #   scale = gamma * inv_std,  k = scale * inv_std * dL/dgamma / M,  c = scale * dL/dbeta / M,
+    # in 6 passes over the data with one (N, C, H, W) temporary (the form above: 8 passes, 5 temporaries).
     def backward(self, grad_output):
-        x_hat, inv_std, training = self.saved_for_backward()
-        axes = (0, 2, 3)
-        grad_bias = grad_output.sum(axis=axes)
-        grad_weight = (grad_output * x_hat).sum(axis=axes)
+        x_centered, inv_std, training = self.saved_for_backward()
+        grad_bias = grad_output.sum(axis=(0, 2, 3))
+        grad_weight = channel_dot(grad_output, x_centered) * inv_std   # sum G * x_hat
         self.weight.accumulate_grad(grad_weight)
         self.bias.accumulate_grad(grad_bias)
-        scale = (self.weight.data * inv_std)[:, None, None]              # (C, 1, 1)
+        scale = self.weight.data * inv_std                                # (C,)
+        grad_x = grad_output * scale[:, None, None]
         if not training:
-            return grad_output * scale
+            return grad_x
         count = grad_output.size // self.num_features
-        return (scale / count) * (count * grad_output - grad_bias[:, None, None]
-                                  - x_hat * grad_weight[:, None, None])
+        grad_x -= x_centered * (scale * inv_std * grad_weight / count)[:, None, None]
+        grad_x -= (scale * grad_bias / count)[:, None, None]
+        return grad_x
+
+
+def channel_dot(a, b):
+    """sum over n, h, w of a * b, per channel: (N, C, H, W) x2 -> (C,). One pass, no
+    (N, C, H, W) temporary (``(a * b).sum(axis=(0, 2, 3))`` would allocate one)."""
+    xp = get_array_module(a, b)
+    return xp.einsum("nchw,nchw->c", a, b)

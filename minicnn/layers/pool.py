@@ -50,9 +50,17 @@ class MaxPool2d(Module):
         argmax = xp.zeros(out.shape, dtype=xp.uint8 if self.kernel_size[0] * self.kernel_size[1] <= 256
                           else xp.int32)                              # winning offset per output
         better = xp.empty(out.shape, dtype=bool)
-        for offset, window in windows:                                # in place: no temporaries
+        # A window view has rows of only OW values at a stride, and NumPy's loops over
+        # such views cost ~10x those over contiguous memory. So each window is copied
+        # once into a contiguous buffer, and the three updates below run on that.
+        window = xp.empty_like(out)
+        for offset, view in windows:                                  # in place (one uint8 temporary)
+            window[...] = view
             xp.greater(window, out, out=better)
-            xp.copyto(argmax, offset, where=better)
+            # argmax = where(better, offset, argmax), as arithmetic: offsets come in
+            # increasing order, so argmax < offset and the where is a max. (NumPy's masked
+            # copy, copyto(where=better), is ~20x slower on a random mask.)
+            xp.maximum(argmax, better * argmax.dtype.type(offset), out=argmax)
             xp.maximum(out, window, out=out)
         self.save_for_backward(argmax, x.shape, out_hw)
         return out
@@ -68,7 +76,7 @@ class MaxPool2d(Module):
         overlapping = any(s < k for s, k in zip(self.stride, self.kernel_size))
         for offset, window in self._windows(grad_padded, out_hw):
             if overlapping:
-                window += xp.where(argmax == offset, grad_output, 0)
+                window += grad_output * (argmax == offset)            # (a multiply: see ReLU.backward)
             else:  # every input pixel is in at most one window: write instead of add
                 xp.multiply(grad_output, argmax == offset, out=window)
         return grad_padded[:, :, py:py + h, px:px + w]

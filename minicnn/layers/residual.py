@@ -25,6 +25,8 @@ class BasicBlock(Module):
     state_dict keys match: ``conv1.weight``, ``downsample.0.weight``, ``downsample.1.running_mean``.
     torchvision uses one ReLU module twice; here there are two (``relu1``, ``relu2``),
     because each ReLU keeps its own mask for backward. ReLU has no state_dict entries.
+    Both work in place, as torchvision's: their inputs (bn1's output, the residual sum)
+    are fresh arrays that nothing else keeps.
     """
 
     expansion = 1  # output channels = planes * expansion (4 in ResNet-50's Bottleneck)
@@ -34,11 +36,11 @@ class BasicBlock(Module):
         self.in_planes, self.planes, self.stride = in_planes, planes, stride
         self.conv1 = Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False, rng=rng, dtype=dtype)
         self.bn1 = BatchNorm2d(planes, dtype=dtype)
-        self.relu1 = ReLU()
+        self.relu1 = ReLU(inplace=True)
         self.conv2 = Conv2d(planes, planes, 3, stride=1, padding=1, bias=False, rng=rng, dtype=dtype)
         self.bn2 = BatchNorm2d(planes, dtype=dtype)
         self.downsample = downsample
-        self.relu2 = ReLU()
+        self.relu2 = ReLU(inplace=True)
 
     def extra_repr(self):
         return f"{self.in_planes}, {self.planes}, stride={self.stride}"
@@ -51,7 +53,8 @@ class BasicBlock(Module):
         if shortcut.shape != out.shape:
             raise ValueError(f"BasicBlock: the shortcut has shape {tuple(shortcut.shape)} but the main branch "
                              f"{tuple(out.shape)}; a block that changes stride or channels needs a downsample")
-        return self.relu2(out + shortcut)
+        out += shortcut                                           # in place: out is bn2's fresh output
+        return self.relu2(out)
 
     # Backward. With s = main + shortcut and out = relu(s):
     #   dL/ds        = relu2.backward(G)
@@ -71,7 +74,8 @@ class BasicBlock(Module):
         grad_shortcut = grad_sum if self.downsample is None else self.downsample.backward(grad_sum)
         if grad_x is None:  # conv1.needs_input_grad was switched off
             return None
-        return grad_x + grad_shortcut                             # the two paths from x add up
+        grad_x += grad_shortcut                                   # the two paths from x add up (grad_x is
+        return grad_x                                             # conv1's fresh result: add in place)
 
 
 def make_downsample(in_planes: int, planes: int, stride: int, *, rng=None, dtype=np.float32) -> Sequential:
