@@ -80,17 +80,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning; default 1)")
 
 
+def resumed_config(config_class, args):
+    """The config saved in the --resume run directory (TrainConfig or PretrainConfig), pointed at it."""
+    saved = Path(args.resume) / "config.json"
+    if not saved.is_file():
+        raise CovidCTError(f"--resume {args.resume}: no config.json there; is it a covidct run directory?")
+    config = config_class.from_dict(json.loads(saved.read_text()))
+    config.out, config.progress = args.resume, not args.no_progress
+    return config
+
+
 def config_from_args(args) -> "TrainConfig":
     from .train import TrainConfig
 
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise CovidCTError(f"--resume {args.resume}: no config.json there; is it a covidct run directory?")
-        config = TrainConfig.from_dict(json.loads(saved.read_text()))
-        config.out = args.resume
-        config.progress = not args.no_progress
-        return config
+        return resumed_config(TrainConfig, args)
     data = args.data or str(synthetic_dataset())
     if not Path(data).exists():
         raise CovidCTError(f"--data {data}: no such file or directory")
@@ -146,11 +150,7 @@ def run_pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain
 
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
-            raise CovidCTError(f"--resume {args.resume}: no config.json there; is it a covidct pretrain directory?")
-        config = PretrainConfig.from_dict(json.loads(saved.read_text()))
-        config.out, config.progress = args.resume, not args.no_progress
+        config = resumed_config(PretrainConfig, args)
     else:
         data = args.data or str(synthetic_dataset())
         if not Path(data).exists():

@@ -22,7 +22,6 @@ the 90/270 answers ambiguous.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -38,7 +37,7 @@ from .errors import CovidCTError
 from .loader import DataLoader
 from .model import build_model, count_parameters, preset
 from .preprocess import Preprocess, compute_normalization, normalize
-from .train import dropout_rngs, learning_rate, load_split
+from .train import dropout_rngs, learning_rate, load_split, write_run_config
 
 ROTATIONS = 4          # 0, 90, 180, 270 degrees: the pretext task's classes
 
@@ -188,8 +187,7 @@ class Pretrainer:
 
     def fit(self) -> Path:
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        write_run_config(self.run_dir, config)
         self.log(f"rotation pretraining on {len(self.images)} {config.train_split} images at "
                  f"{self.preprocess.size}x{self.preprocess.size}; model '{config.model}' "
                  f"({count_parameters(self.model):,} parameters, 4-way head); device {config.device}")

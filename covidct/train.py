@@ -188,6 +188,12 @@ def load_pretrained_weights(model, path, log=print) -> int:
     return len(fitting)
 
 
+def write_run_config(run_dir: Path, config) -> None:
+    """Create the run directory and save the config there (what --resume reads back)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
 def dropout_rngs(model):
     return [layer.rng for layer in model.modules() if isinstance(layer, mc.Dropout)]
 
@@ -366,8 +372,7 @@ class Trainer:
     # -- the whole run --------------------------------------------------------------------
     def fit(self) -> dict:
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        write_run_config(self.run_dir, config)
         self.log(f"{len(self.train_images)} training / {len(self.val_images)} validation images at "
                  f"{self.preprocess.size}x{self.preprocess.size}; model '{config.model}' with "
                  f"{count_parameters(self.model):,} parameters; device {config.device}")

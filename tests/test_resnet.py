@@ -172,51 +172,18 @@ def test_resnet18_helpers_stay_on_the_device():
 # -- parity with a torch ResNet-18 -----------------------------------------------------------------
 
 def torch_resnet18(torch, num_classes=1000):
-    """torchvision.models.resnet18, written out here (torchvision is not a dependency)."""
+    """torchvision.models.resnet18 in plain torch.nn (benchmarks/torch_resnet.py: the benchmarks' twin;
+    torchvision is not a dependency), with random non-trivial BatchNorm statistics."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_resnet.py"
+    spec = importlib.util.spec_from_file_location("torch_resnet", path)
+    torch_resnet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_resnet)
     nn = torch.nn
-
-    class Block(nn.Module):
-        def __init__(self, inplanes, planes, stride=1, downsample=None):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.relu = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.downsample = downsample
-
-        def forward(self, x):
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return self.relu(out + identity)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-            inplanes = 64
-            for index, planes in enumerate((64, 128, 256, 512)):
-                stride = 1 if index == 0 else 2
-                downsample = None
-                if stride != 1 or inplanes != planes:
-                    downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-                setattr(self, f"layer{index + 1}", nn.Sequential(Block(inplanes, planes, stride, downsample),
-                                                                 Block(planes, planes)))
-                inplanes = planes
-            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(512, num_classes)
-
-        def forward(self, x):
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(torch.flatten(self.avgpool(x), 1))
-
     torch.manual_seed(0)
-    model = Net()
+    model = torch_resnet.torch_resnet18(num_classes)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
