@@ -35,6 +35,7 @@ def predict_proba(model: mc.Module, images: np.ndarray, mean: float, std: float,
         batch = normalize(images[start:start + batch_size], mean, std)
         logits = mc.as_numpy(model(mc.to_device(batch, device)))
         scores.append(softmax(logits.astype(np.float64))[:, 1])
+    model.release_saved()                  # no backward follows: free the activations now
     model.train(was_training)
     return np.concatenate(scores) if scores else np.zeros(0)
 

@@ -183,7 +183,8 @@ def load_pretrained_weights(model, path, log=print) -> int:
     if not fitting:
         raise CovidCTError(f"--pretrained {path}: no tensor matches the model's names and shapes")
     model.load_state_dict(fitting, strict=False)
-    fresh = [key for key in own if key not in fitting]
+    # BatchNorm's num_batches_tracked is a counter, not a weight (torchvision's older files lack it)
+    fresh = [key for key in own if key not in fitting and not key.endswith("num_batches_tracked")]
     log(f"loaded {len(fitting)} pretrained tensors from {path}; freshly initialised: {fresh or 'none'}")
     return len(fitting)
 
