@@ -266,7 +266,6 @@ class Trainer:
         self.stale_epochs, self.start_epoch = meta["stale_epochs"], meta["epoch"] + 1
         self.log(f"resuming {self.run_dir} after epoch {meta['epoch'] + 1}")
 
-    # -- one epoch ---------------------------------------------------------------------
     # -- frozen backbone ------------------------------------------------------------------
     def frozen(self, epoch: int) -> bool:
         """Is the backbone frozen in this epoch (--freeze-backbone until --unfreeze-after)?"""
@@ -274,12 +273,10 @@ class Trainer:
 
     def backbone_features(self, images: np.ndarray):
         """(N, F) features of the images (normalised here), backbone in eval mode, nothing kept for backward."""
-        self.backbone.eval()
         chunks = []
         for start in range(0, len(images), self.config.batch_size):
             batch = normalize(images[start:start + self.config.batch_size], self.mean, self.std)
-            chunks.append(self.backbone(mc.to_device(batch, self.config.device)))
-            self.backbone.release_saved()
+            chunks.append(self.backbone_features_of_batch(mc.to_device(batch, self.config.device)))
         return mc.get_array_module(chunks[0]).concatenate(chunks)
 
     def cached_features(self, epoch: int):
