@@ -110,3 +110,24 @@ def test_guard_catches_a_planted_leak(leak):
     except HostLeakError:
         return
     assert not on_fake_device(out), "the planted leak went unnoticed"
+
+
+def test_rotation_pretext_batches_stay_on_the_device():
+    """covidct pretrain's rotate_batch and a frozen-backbone split run on device arrays without host leaks."""
+    from covidct.model import build_model, preset, split_backbone_head
+    from covidct.pretrain import rotate_batch
+
+    x = np.random.default_rng(0).random((5, 1, 6, 6), dtype=np.float32)
+    turns = np.array([0, 1, 2, 3, 1])
+    rotated = rotate_batch(to_fake_device(x), turns)
+    assert on_fake_device(rotated)
+    np.testing.assert_array_equal(np.asarray(rotated.view(np.ndarray)), rotate_batch(x, turns))
+
+    model = build_model(preset("tiny"), seed=0).eval()
+    backbone, head = split_backbone_head(model)
+    images = np.random.default_rng(1).random((2, 1, 32, 32), dtype=np.float32)
+    expected = model(images)
+    model.map_arrays(to_fake_device)                  # backbone and head share its layers
+    logits = head(backbone(to_fake_device(images)))
+    assert on_fake_device(logits)
+    np.testing.assert_allclose(logits.view(np.ndarray), expected, rtol=1e-5)
