@@ -25,19 +25,27 @@ def softmax(logits) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def predict_logits(model: mc.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 64,
+                   device: str = "cpu") -> np.ndarray:
+    """images (N, C, H, W) in [0, 1] -> host logits (N, classes), computed in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    logits = []
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start:start + batch_size], mean, std)
+        logits.append(mc.as_numpy(model(mc.to_device(batch, device))))
+    model.release_saved()                  # no backward follows: free the activations now
+    model.train(was_training)
+    return np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
+
+
 def predict_proba(model: mc.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 64,
                   device: str = "cpu") -> np.ndarray:
     """images (N, 1, H, W) in [0, 1] -> P(COVID) (N,), computed in eval mode, batch by batch."""
-    was_training = model.training
-    model.eval()
-    scores = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start:start + batch_size], mean, std)
-        logits = mc.as_numpy(model(mc.to_device(batch, device)))
-        scores.append(softmax(logits.astype(np.float64))[:, 1])
-    model.release_saved()                  # no backward follows: free the activations now
-    model.train(was_training)
-    return np.concatenate(scores) if scores else np.zeros(0)
+    if len(images) == 0:
+        return np.zeros(0)
+    logits = predict_logits(model, images, mean, std, batch_size, device)
+    return softmax(logits.astype(np.float64))[:, 1]
 
 
 def choose_threshold(labels, scores, target_sensitivity: float | None) -> float:

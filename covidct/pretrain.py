@@ -36,7 +36,8 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .errors import CovidCTError
 from .loader import DataLoader
 from .model import build_model, count_parameters, preset
-from .preprocess import Preprocess, compute_normalization, normalize
+from .evaluate import predict_logits
+from .preprocess import Preprocess, compute_normalization
 from .train import dropout_rngs, learning_rate, load_split, write_run_config
 
 ROTATIONS = 4          # 0, 90, 180, 270 degrees: the pretext task's classes
@@ -176,14 +177,8 @@ class Pretrainer:
         if self.val_images is None:
             return None
         images, turns = all_rotations(self.val_images)
-        self.model.eval()
-        correct = 0
-        for start in range(0, len(images), 64):
-            batch = normalize(images[start:start + 64], self.mean, self.std)
-            logits = mc.as_numpy(self.model(mc.to_device(batch, self.config.device)))
-            correct += int((logits.argmax(axis=1) == turns[start:start + 64]).sum())
-        self.model.release_saved()
-        return correct / len(images)
+        logits = predict_logits(self.model, images, self.mean, self.std, device=self.config.device)
+        return float((logits.argmax(axis=1) == turns).mean())
 
     def fit(self) -> Path:
         config = self.config

@@ -405,6 +405,17 @@ def run_minicnn(optimizer, params, steps, first_step=0):
         optimizer.step()
 
 
+def step_both(optimizer, torch_optimizer, params, torch_params, step):
+    """One step of each optimizer with the same fake gradients."""
+    optimizer.zero_grad()
+    torch_optimizer.zero_grad()
+    for param, torch_param, grad in zip(params, torch_params, fake_grads([p.data for p in params], step)):
+        param.accumulate_grad(grad)
+        torch_param.grad = t(grad)
+    optimizer.step()
+    torch_optimizer.step()
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_optimizer_matches_torch(name):
     make, make_torch = OPTIMIZERS[name]
@@ -412,13 +423,7 @@ def test_optimizer_matches_torch(name):
     torch_params = [torch.nn.Parameter(t(p.data)) for p in params]
     optimizer, torch_optimizer = make(params), make_torch(torch_params)
     for step in range(5):
-        optimizer.zero_grad()
-        torch_optimizer.zero_grad()
-        for param, torch_param, grad in zip(params, torch_params, fake_grads([p.data for p in params], step)):
-            param.accumulate_grad(grad)
-            torch_param.grad = t(grad)
-        optimizer.step()
-        torch_optimizer.step()
+        step_both(optimizer, torch_optimizer, params, torch_params, step)
         for param, torch_param in zip(params, torch_params):
             assert param.data.dtype == np.float64
             np.testing.assert_allclose(param.data, torch_param.detach().numpy(), rtol=1e-6, atol=1e-9,
@@ -491,13 +496,7 @@ def test_parameter_groups_match_torch_per_group_lr(name):
             optimizer.lr = base_lr * 0.5
             for group, scale in zip(torch_optimizer.param_groups, (0.1, 1.0)):
                 group["lr"] = base_lr * 0.5 * scale
-        optimizer.zero_grad()
-        torch_optimizer.zero_grad()
-        for param, torch_param, grad in zip(params, torch_params, fake_grads([p.data for p in params], step)):
-            param.accumulate_grad(grad)
-            torch_param.grad = t(grad)
-        optimizer.step()
-        torch_optimizer.step()
+        step_both(optimizer, torch_optimizer, params, torch_params, step)
     for index, (param, torch_param) in enumerate(zip(params, torch_params)):
         np.testing.assert_allclose(param.data, torch_param.detach().numpy(), rtol=1e-6, atol=1e-9,
                                    err_msg=f"{name}, parameter {index}")
