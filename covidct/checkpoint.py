@@ -56,8 +56,11 @@ def read_checkpoint(path) -> tuple[dict, dict, dict]:
 def load_checkpoint(path, device: str = "cpu") -> tuple[mc.Module, dict]:
     """Rebuild the model stored in ``path`` (in eval mode) -> (model, metadata)."""
     model_arrays, _, metadata = read_checkpoint(path)
-    config = config_from_dict(metadata["model_config"])
-    model = build_model(config)
+    if metadata.get("kind") == "ensemble":                 # covidct.ensemble: several models as one
+        from .ensemble import build_ensemble
+        model = build_ensemble(metadata)
+    else:
+        model = build_model(config_from_dict(metadata["model_config"]))
     try:
         model.load_state_dict(model_arrays)
     except (KeyError, ValueError) as error:

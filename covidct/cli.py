@@ -78,6 +78,28 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --freeze-backbone: train the whole network from epoch N+1")
     parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale, metavar="S",
                         help="the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning; default 1)")
+    parser.add_argument("--lungs", default=defaults.lungs, choices=["none", "crop", "mask"],
+                        help="cut every slice to its lung fields before resizing (crop), and blank what lies "
+                             "outside the lung mask (mask); stored in the checkpoint (see covidct/lungs.py)")
+    parser.add_argument("--resize", default=defaults.resize, choices=["pad", "stretch"],
+                        help="pad: keep the aspect ratio on a black square; stretch: fill the square")
+    parser.add_argument("--extra-data", action="append", default=[], metavar="PATH",
+                        help="another dataset whose images (all of them) are added to TRAINING only, never to "
+                             "validation or CV test folds; repeatable (e.g. ../shared/sars-cov-2-ct)")
+    parser.add_argument("--extra-mode", default=defaults.extra_mode, choices=["mix", "pretrain"],
+                        help="mix: train on both at once; pretrain: first --extra-epochs on the extra data "
+                             "alone, then fine-tune on --data")
+    parser.add_argument("--extra-epochs", type=int, default=defaults.extra_epochs,
+                        help="epochs on the extra data with --extra-mode pretrain")
+
+
+def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_arguments(parser)
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (grouped by source)")
+    parser.add_argument("--repeats", type=int, default=1, help="draw the folds this many times (seeds)")
+    parser.add_argument("--jobs", type=int, default=1, help="folds trained at once, in worker processes")
+    parser.add_argument("--tta", action="store_true", help="the saved fold ensemble also averages the "
+                        "left-right mirror image (test-time augmentation)")
 
 
 def resumed_config(config_class, args):
@@ -99,10 +121,25 @@ def config_from_args(args) -> "TrainConfig":
     if not Path(data).exists():
         raise CovidCTError(f"--data {data}: no such file or directory")
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values.update(data=data, progress=not args.no_progress,
+    values.update(data=data, progress=not args.no_progress, extra_data=tuple(args.extra_data),
                   cache_dir=args.cache_dir or str(cache_root() / "images"))
     values["out"] = args.out or str(Path("runs") / f"{args.model}-{Path(data).resolve().name}")
     return TrainConfig(**values)
+
+
+def run_cv(args) -> int:
+    from .cv import cross_validate, format_cv_table
+
+    if args.resume:
+        raise CovidCTError("covidct cv has no --resume; run it again (decoded images are cached)")
+    config = config_from_args(args)
+    if not args.out:
+        config.out = str(Path("runs") / f"cv-{args.model}-{Path(config.data).resolve().name}")
+    result = cross_validate(config, folds=args.folds, repeats=args.repeats, jobs=args.jobs, tta=args.tta)
+    print(format_cv_table(result))
+    print(f"\nwrote oof.csv, cv.json, cv.md and the fold ensemble ensemble.npz to {config.out}/ "
+          f"({result['seconds'] / 60:.1f} min)")
+    return 0
 
 
 def run_train(args) -> int:
@@ -232,6 +269,10 @@ def run_viz(args) -> int:
             raise CovidCTError(f"--n must be >= 1, got {args.n}")
         return wrote(viz.gradcam_grid(args.checkpoint, args.data, args.split, args.out, n=args.n,
                                       cache_dir=args.cache_dir or str(cache_root() / "images"), seed=args.seed))
+    if args.action == "lungs":
+        path, counts = viz.lung_sheet(args.data, args.split or None, args.out, n=args.n, seed=args.seed)
+        print(f"{counts['fallbacks']} of {counts['shown']} slices fall back to the whole slice")
+        return wrote(path)
     if args.action == "shortcut":
         viz.shortcut_check(args.checkpoint, args.data, args.split, args.out,
                            cache_dir=args.cache_dir or str(cache_root() / "images"), cam_target=args.target)
@@ -272,6 +313,8 @@ EXAMPLES = {
     "train": "examples:\n  covidct train                                   # synthetic phantom data\n"
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
              "  covidct train --resume runs/default-covid-ct",
+    "cv": "examples:\n  covidct cv --data ../shared/covid-ct --folds 5 --lungs crop --jobs 2\n"
+          "  covidct evaluate --checkpoint runs/cv-default-covid-ct/ensemble.npz --data ../shared/covid-ct --split val",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
                 "--out runs/ssl-default\n"
                 "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",
@@ -284,6 +327,7 @@ EXAMPLES = {
            "  covidct viz kernels --image slice.png --out kernels.png\n"
            "  covidct viz gradcam --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
            "--out gradcam.png --n 16\n"
+           "  covidct viz lungs --data ../shared/covid-ct --out lungs.png --n 24\n"
            "  covidct viz shortcut --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
            "--out shortcut/",
 }
@@ -299,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
     add_train_arguments(command("train", "train a classifier; keeps the best epoch by validation AUC"))
+    add_cv_arguments(command("cv", "k-fold cross-validation over train + val (folds grouped by source): "
+                             "out-of-fold metrics and a fold-ensemble checkpoint"))
     add_pretrain_arguments(command("pretrain", "self-supervised pretraining (rotation prediction) on the "
                                    "training images, for covidct train --pretrained"))
 
@@ -356,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--n", type=int, default=16, help="number of images (half correct, half wrong)")
     grid.add_argument("--seed", type=int, default=0, help="which images are drawn")
     grid.add_argument("--cache-dir", default=None)
+    lungs = action("lungs", "contact sheet of lung masks and crop boxes (covidct.lungs) on a dataset")
+    lungs.add_argument("--data", required=True)
+    lungs.add_argument("--split", default="train", help="split to draw from ('' for every image)")
+    lungs.add_argument("--out", required=True, help="PNG file")
+    lungs.add_argument("--n", type=int, default=24, help="number of slices")
+    lungs.add_argument("--seed", type=int, default=0, help="which slices are drawn")
     shortcut = action("shortcut", "shortcut check: Grad-CAM mass in the lungs, and metrics with the file "
                       "formats swapped between classes")
     shortcut.add_argument("--checkpoint", required=True)
@@ -368,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"train": run_train, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
+RUNNERS = {"train": run_train, "cv": run_cv, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
            "describe": run_describe, "viz": run_viz}
 
 

@@ -35,7 +35,7 @@ from .metrics import classification_metrics
 from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
 from .preprocess import Preprocess, compute_normalization, load_images, normalize
 
-SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
+SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class TrainConfig:
     augment: str = "flip,rotate:10,translate:0.06,contrast:0.15,crop:0.85"
     seed: int = 0
     device: str = "cpu"
-    select: str = "auc"                 # selection metric on the validation split
+    select: str = "auc"                 # selection metric on the validation split; "last": the last epoch
     patience: int = 15                  # early stopping: epochs without improvement
     target_sensitivity: float | None = None  # choose the threshold on val to reach this sensitivity
     train_split: str = "train"
@@ -69,6 +69,11 @@ class TrainConfig:
     freeze_backbone: bool = False       # train only the head (covidct.model.split_backbone_head)
     unfreeze_after: int = 0             # with freeze_backbone: train everything from epoch N+1 (0: never)
     backbone_lr_scale: float = 1.0      # backbone lr = lr * this (discriminative fine-tuning)
+    lungs: str = "none"                 # none | crop | mask: cut slices to their lung fields (covidct.lungs)
+    resize: str = "pad"                 # pad (keep the aspect ratio) | stretch
+    extra_data: tuple = ()              # datasets added to TRAINING only (all their images)
+    extra_mode: str = "mix"             # mix: train on both at once | pretrain: first on the extra data alone
+    extra_epochs: int = 6               # extra_mode pretrain: epochs on the extra data
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -95,6 +100,20 @@ class TrainConfig:
                                f"used together with --freeze-backbone")
         if not self.backbone_lr_scale > 0:
             raise CovidCTError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
+        from .preprocess import LUNG_MODES, RESIZE_MODES
+        if self.lungs not in LUNG_MODES:
+            raise CovidCTError(f"--lungs must be one of {', '.join(LUNG_MODES)}, got {self.lungs!r}")
+        if self.resize not in RESIZE_MODES:
+            raise CovidCTError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.extra_mode == "pretrain" and self.extra_data and self.pretrained \
+                and self.pretrained != extra_checkpoint(self):
+            raise CovidCTError("--extra-mode pretrain makes its own starting weights; leave out --pretrained")
+        if self.extra_mode not in ("mix", "pretrain") or self.extra_epochs < 1:
+            raise CovidCTError(f"--extra-mode must be mix or pretrain and --extra-epochs >= 1, "
+                               f"got {self.extra_mode!r} and {self.extra_epochs}")
+        for extra in self.extra_data:
+            if not Path(extra).exists():
+                raise CovidCTError(f"--extra-data {extra}: no such file or directory")
         if self.pretrained and not Path(self.pretrained).is_file():
             raise CovidCTError(f"--pretrained {self.pretrained}: no such file")
         if self.device == "gpu" and not mc.gpu_available():
@@ -148,11 +167,65 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     return model_config
 
 
-def load_split(config: TrainConfig, split: str, preprocess: Preprocess):
-    """-> images (N, 1, H, W) float32 in [0, 1], labels (N,), paths."""
-    dataset = read_dataset(config.data, split=split)
-    return load_images(dataset, preprocess, cache_dir=config.cache_dir, skip_bad=config.skip_bad,
-                       progress=config.progress)
+def preprocess_for(config: TrainConfig, model_config) -> Preprocess:
+    return Preprocess(size=model_config.input_size, resize=config.resize, lungs=config.lungs)
+
+
+def load_split(config: TrainConfig, split: str | None, preprocess: Preprocess, source=None, log=print):
+    """-> images (N, 1, H, W) float32 in [0, 1], labels (N,), paths. split None: every image of source."""
+    source = source or config.data
+    dataset = read_dataset(source, split=split)
+    stats = {}
+    loaded = load_images(dataset, preprocess, cache_dir=config.cache_dir, skip_bad=config.skip_bad,
+                         progress=config.progress, stats=stats)
+    if stats.get("lung_fallbacks"):
+        log(f"{source} {split or ''}: no plausible lung mask in {stats['lung_fallbacks']} of {stats['images']} "
+            f"slices; those keep the whole slice")
+    return loaded
+
+
+def load_extra(config: TrainConfig, preprocess: Preprocess, log=print):
+    """All images of every --extra-data set, concatenated (training only) -> images, labels, paths."""
+    parts = [load_split(config, None, preprocess, source, log) for source in config.extra_data]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [path for p in parts for path in p[2]])
+
+
+def pretrain_on_extra(config: TrainConfig, extra, log=print) -> str:
+    """extra_mode "pretrain": train config's model on the extra images alone for extra_epochs
+    (every 10th image only watches) -> the checkpoint to fine-tune from (config.out/pretrain-extra)."""
+    from dataclasses import replace
+
+    images, labels, paths = extra
+    watch = np.arange(len(images)) % 10 == 0
+    pre_config = replace(config, out=str(Path(config.out) / "pretrain-extra"), epochs=config.extra_epochs,
+                         select="last", extra_data=(), pretrained=None, target_sensitivity=None,
+                         warmup_epochs=min(config.warmup_epochs, config.extra_epochs - 1))
+    log(f"pretraining on {len(images)} extra slices for {config.extra_epochs} epochs in {pre_config.out}")
+    data = (images[~watch], labels[~watch], [p for p, w in zip(paths, watch) if not w],
+            images[watch], labels[watch], [p for p, w in zip(paths, watch) if w])
+    Trainer(pre_config, log=lambda *_: None, data=data).fit()
+    return extra_checkpoint(config)
+
+
+def extra_checkpoint(config: TrainConfig) -> str:
+    return str(Path(config.out) / "pretrain-extra" / "best.npz")
+
+
+def load_train_val(config: TrainConfig, preprocess: Preprocess, log=print):
+    """config.data's train split (+ every extra set) and its val split, as Trainer's data tuple.
+    extra_mode "pretrain": the extra sets train a starting point instead (config.pretrained is set)."""
+    train_images, train_labels, train_paths = load_split(config, config.train_split, preprocess, log=log)
+    if config.extra_data and config.extra_mode == "pretrain":
+        if config.pretrained != extra_checkpoint(config):      # not yet done (a resumed run has it)
+            config.pretrained = pretrain_on_extra(config, load_extra(config, preprocess, log), log)
+    elif config.extra_data:
+        extra_images, extra_labels, extra_paths = load_extra(config, preprocess, log)
+        train_images = np.concatenate([train_images, extra_images])
+        train_labels = np.concatenate([train_labels, extra_labels])
+        train_paths = train_paths + extra_paths
+    return (train_images, train_labels, train_paths,
+            *load_split(config, config.val_split, preprocess, log=log))
 
 
 IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = 0.449, 0.226   # ImageNet's RGB statistics, averaged
@@ -202,15 +275,19 @@ def dropout_rngs(model):
 class Trainer:
     """Owns one run: data, model, optimizer, history, and the run directory."""
 
-    def __init__(self, config: TrainConfig, log=print):
+    def __init__(self, config: TrainConfig, log=print, data=None):
+        """data: (train images, labels, paths, val images, labels, paths) already in memory
+        (cross-validation folds); None: read config.data's train and val splits (+ extra_data)."""
         config.validate()
         self.config, self.log = config, log
         self.run_dir = Path(config.out)
         self.model_config = model_config_for(config)
-        self.preprocess = Preprocess(size=self.model_config.input_size)
+        self.preprocess = preprocess_for(config, self.model_config)
 
-        self.train_images, self.train_labels, self.train_paths = load_split(config, config.train_split, self.preprocess)
-        self.val_images, self.val_labels, self.val_paths = load_split(config, config.val_split, self.preprocess)
+        if data is None:
+            data = load_train_val(config, self.preprocess, log)
+        (self.train_images, self.train_labels, self.train_paths,
+         self.val_images, self.val_labels, self.val_paths) = data
         self.mean, self.std = compute_normalization(self.train_images)  # training split only
 
         self.model = build_model(self.model_config, seed=config.seed)
@@ -362,7 +439,10 @@ class Trainer:
                 "val_balanced_accuracy": metrics["balanced_accuracy"]}, scores
 
     def selection_key(self, row: dict) -> list[float]:
-        """Larger is better; ties on the metric are broken by the lower validation loss."""
+        """Larger is better; ties on the metric are broken by the lower validation loss.
+        "last" keeps every new epoch (the validation data then only watches)."""
+        if self.config.select == "last":
+            return [row["epoch"], 0.0]
         value = -row["val_loss"] if self.config.select == "loss" else row[f"val_{self.config.select}"]
         value = -math.inf if value is None or not math.isfinite(value) else value
         return [value, -row["val_loss"]]
