@@ -66,12 +66,18 @@ def read_checkpoint(path) -> tuple[dict, dict, dict]:
                            "train one with 'covidct train'")
     model_arrays = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
     optimizer_arrays = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
-    for name, array in model_arrays.items():
+    check_finite(model_arrays, path)
+    return model_arrays, optimizer_arrays, metadata
+
+
+def check_finite(arrays: dict, where) -> None:
+    """CovidCTError naming the first tensor with NaN/inf values (a damaged file or a diverged run)."""
+    for name, array in arrays.items():
+        array = np.asarray(array)
         if array.dtype.kind in "fc" and not np.isfinite(array).all():
             bad = int(array.size - np.isfinite(array).sum())
-            raise CovidCTError(f"{path}: tensor '{name}' has {bad} NaN/inf values; the checkpoint is damaged "
+            raise CovidCTError(f"{where}: tensor '{name}' has {bad} NaN/inf values; the file is damaged "
                                "or comes from a diverged run")
-    return model_arrays, optimizer_arrays, metadata
 
 
 def checkpoint_task(metadata: dict) -> str:

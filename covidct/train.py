@@ -31,7 +31,7 @@ import minicnn as mc
 from minicnn.models.resnet import IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, gray_filters
 
 from .augment import parse_augment
-from .checkpoint import TASK_COVID, save_checkpoint
+from .checkpoint import TASK_COVID, check_finite, save_checkpoint
 from .data import read_dataset
 from .errors import CovidCTError
 from .evaluate import choose_threshold, predict_proba, report_text, write_evaluation
@@ -228,9 +228,7 @@ def load_pretrained_weights(model, path, log=print) -> int:
             fitting[key] = value
     if not fitting:
         raise CovidCTError(f"--pretrained {path}: no tensor matches the model's names and shapes")
-    bad = [key for key, value in fitting.items() if value.dtype.kind in "fc" and not np.isfinite(value).all()]
-    if bad:
-        raise CovidCTError(f"--pretrained {path}: tensor '{bad[0]}' has NaN/inf values")
+    check_finite(fitting, f"--pretrained {path}")
     model.load_state_dict(fitting, strict=False)
     # BatchNorm's num_batches_tracked is a counter, not a weight (torchvision's older files lack it)
     fresh = [key for key in own if key not in fitting and not key.endswith("num_batches_tracked")]

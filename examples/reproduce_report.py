@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from covidct.cli import cache_root  # noqa: E402
+from covidct.paths import image_cache_dir  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
 
 # The report's published test results (95 images: 28 COVID, 67 non-COVID).
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
                              image_size=None if args.full else 112, epochs=args.epochs, batch_size=12,
                              optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="none",
                              warmup_epochs=0, class_weights="none", augment=augment, patience=args.epochs,
-                             cache_dir=str(cache_root() / "images"), progress=not args.no_progress)
+                             cache_dir=image_cache_dir(), progress=not args.no_progress)
         summary = train(config, log=lambda *a: None if args.no_progress else print(*a))
         rows.append((name, augment, summary["val"], report))
 
