@@ -1,11 +1,15 @@
 """The ``covidct`` command: train, pretrain, evaluate, predict, synth, describe, viz.
 
 User mistakes (missing path, bad option value, wrong checkpoint) end with one
-line ``error: ...`` and exit status 2, never a traceback.
+line ``error: ...`` and exit status 2, never a traceback. So do the OS errors a
+user can fix (USER_OS_ERRORS: a missing file or folder, no permission, a file
+where a folder should be, a full disk). Any other exception is a bug and keeps
+its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -316,12 +320,21 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     print(f"warning: {message}", file=sys.stderr)
 
 
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def run_reporting_errors(runner, args) -> int:
     """runner(args), with user mistakes as one line 'error: ...' (exit 2) and Ctrl-C as exit 130."""
     try:
         return runner(args)
     except CovidCTError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if not isinstance(error, USER_OS_ERRORS) and error.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

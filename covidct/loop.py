@@ -155,9 +155,10 @@ class EpochLoop:
                                f"{self.start_epoch}")
         self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
         if self.config.epochs != planned:
-            self.log(f"extending the run from {planned} to {self.config.epochs} epochs: epochs "
-                     f"{self.start_epoch + 1}-{self.config.epochs} follow the '{self.config.schedule}' learning-rate "
-                     f"schedule laid out over {self.config.epochs} epochs")
+            rest = (f"epoch {self.config.epochs} follows" if self.start_epoch + 1 == self.config.epochs
+                    else f"epochs {self.start_epoch + 1}-{self.config.epochs} follow")
+            self.log(f"extending the run from {planned} to {self.config.epochs} epochs: {rest} the "
+                     f"'{self.config.schedule}' learning-rate schedule laid out over {self.config.epochs} epochs")
 
     # -- one epoch -------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:

@@ -28,8 +28,11 @@ def image_cache_dir(cache_dir=None) -> str:
     return str(cache_dir) if cache_dir else str(cache_root() / "images")
 
 
-def writable_dir(path, option: str) -> Path:
-    """Create ``path`` (and its parents) and write/remove a probe file in it; CovidCTError if either fails."""
+def writable_dir(path, option: str, shown=None) -> Path:
+    """Create ``path`` (and its parents) and write/remove a probe file in it; CovidCTError if either fails.
+
+    shown: the path the message names (default: ``path``).
+    """
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -37,7 +40,10 @@ def writable_dir(path, option: str) -> Path:
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise CovidCTError(f"{option} {path}: cannot write there ({error.strerror or error})") from None
+        reason = error.strerror or str(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason = f"{reason}: a file stands where a folder is needed"
+        raise CovidCTError(f"{option} {shown or path}: cannot write there ({reason})") from None
     return path
 
 
@@ -46,7 +52,7 @@ def writable_file(path, option: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise CovidCTError(f"{option} {path}: is a directory, expected a file name")
-    writable_dir(path.parent, option)
+    writable_dir(path.parent, option, shown=path)
     if path.exists() and not os.access(path, os.W_OK):
         raise CovidCTError(f"{option} {path}: the file exists and is read-only")
     return path

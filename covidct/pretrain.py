@@ -38,6 +38,7 @@ from .loop import EpochLoop
 from .model import build_model, count_parameters, preset
 from .options import option
 from .paths import writable_dir
+from .runlock import RunLock
 from .preprocess import Preprocess, compute_normalization
 from .train import DEVICES, SCHEDULES, load_split
 
@@ -186,7 +187,8 @@ class Pretrainer(EpochLoop):
 
 def pretrain(config: PretrainConfig, resume: bool = False, log=print) -> Path:
     """Run (or resume) rotation pretraining; returns the path of pretrained.npz."""
-    trainer = Pretrainer(config, log=log)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    with RunLock(config.out, log):                      # before any work: a second writer is refused at once
+        trainer = Pretrainer(config, log=log)
+        if resume:
+            trainer.resume()
+        return trainer.fit()

@@ -3,6 +3,9 @@
     with RunLock(run_dir, log):        # CovidCTError if another live process holds it
         ... write checkpoints, history ...
 
+Inside one process the lock nests: ``covidct.train.train`` takes it before it
+loads any data, and the loop's own ``with RunLock`` inside is then a no-op.
+
 The lock is ``RUN_DIR/.lock``, created atomically (O_CREAT | O_EXCL) with
 "pid host" inside and removed on exit, also on Ctrl-C or an exception. After a
 ``kill -9`` the file stays behind: a lock whose pid no longer runs on this host
@@ -16,8 +19,10 @@ import socket
 from pathlib import Path
 
 from .errors import CovidCTError
+from .paths import writable_dir
 
 LOCK_NAME = ".lock"
+_held: set[Path] = set()        # lock files this process holds: taking one again nests, it does not block
 
 
 def pid_running(pid: int) -> bool:
@@ -57,7 +62,9 @@ class RunLock:
         return True
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writable_dir(self.path.parent, "--out")
+        if self.path.resolve() in _held:               # train() holds it around Trainer(...).fit()
+            return self
         if not self._create():
             pid, host = self.holder()
             if host == socket.gethostname() and pid is not None and not pid_running(pid):
@@ -69,10 +76,12 @@ class RunLock:
                 raise CovidCTError(f"{self.path.parent}: the run directory is in use by {where}; wait for it, "
                                    f"choose another --out, or delete {self.path} if no run is using it")
         self.held = True
+        _held.add(self.path.resolve())
         return self
 
     def release(self) -> None:
         if self.held:
+            _held.discard(self.path.resolve())
             self.path.unlink(missing_ok=True)
             self.held = False
 

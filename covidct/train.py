@@ -42,6 +42,7 @@ from .metrics import classification_metrics
 from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
 from .options import option
 from .paths import writable_dir
+from .runlock import RunLock
 from .preprocess import Preprocess, compute_normalization, load_images
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
@@ -350,11 +351,15 @@ class Trainer(EpochLoop):
 
 
 def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None) -> dict:
-    """Train (or resume) a run; returns the best epoch's validation summary."""
-    trainer = Trainer(config, data=data, log=log)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    """Train (or resume) a run; returns the best epoch's validation summary.
+
+    The run directory is locked first, so a second writer is refused before any work.
+    """
+    with RunLock(config.out, log):
+        trainer = Trainer(config, data=data, log=log)
+        if resume:
+            trainer.resume()
+        return trainer.fit()
 
 
 def _fmt(value) -> str:

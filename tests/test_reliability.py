@@ -122,16 +122,26 @@ def test_resume_with_more_epochs_continues_exactly_like_a_longer_run(data, tmp_p
 # 4. one writer per run directory ---------------------------------------------------------------
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(data, tmp_path):
     out = tmp_path / "run"
-    with RunLock(out):                                          # a live holder: this process
-        with pytest.raises(CovidCTError, match=f"in use by process {os.getpid()}"):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])    # a live second writer
+    try:
+        with RunLock(out):                                       # held by this process: the other one's view
+            assert (out / ".lock").read_text().split()[0] == str(os.getpid())
+        out.mkdir(exist_ok=True)
+        (out / ".lock").write_text(f"{other.pid} {os.uname().nodename}\n")
+        with pytest.raises(CovidCTError, match=f"in use by process {other.pid}"):
+            train(tiny(data, out), **QUIET)
+        with pytest.raises(CovidCTError, match=f"in use by process {other.pid}"):
             Trainer(tiny(data, out), **QUIET).fit()
-    assert not (out / "best.npz").exists() and not (out / ".lock").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert not (out / "best.npz").exists() and not (out / "history.csv").exists()
 
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()                                             # its pid no longer runs: a kill -9 leftover
     (out / ".lock").write_text(f"{finished.pid} {os.uname().nodename}\n")
     messages = []
-    Trainer(tiny(data, out), log=messages.append).fit()
+    train(tiny(data, out), log=messages.append)
     assert any("removing the stale lock" in str(m) for m in messages)
     assert (out / "best.npz").is_file() and not (out / ".lock").exists()
 
@@ -145,7 +155,7 @@ def test_unwritable_outputs_are_refused_before_any_work(data, run, image, tmp_pa
     one_line_error(capsys, ["train", "--data", data, "--model", "tiny", "--epochs", "1", "--no-progress",
                             "--out", tmp_path / "run2", "--cache-dir", blocker / "cache"], "--cache-dir")
     one_line_error(capsys, ["predict", "--checkpoint", run / "best.npz", image, "--output", blocker / "p.csv"],
-                   "--output")
+                   f"--output {blocker / 'p.csv'}: cannot write there")
     one_line_error(capsys, ["predict", "--checkpoint", run / "best.npz", image, "--gradcam", blocker / "cams"],
                    "--gradcam")
     one_line_error(capsys, ["synth", "--out", blocker / "syn", "--n", "4"], "--out")
@@ -298,3 +308,23 @@ def test_only_user_errors_become_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("minicnn.torch_load.load_state_dict_file", bug)
     with pytest.raises(AttributeError, match="a bug"):                 # keeps its traceback
         load_pretrained_weights(mc.Sequential(mc.Linear(2, 2)), bad)
+
+
+def test_the_cli_reports_fixable_os_errors_in_one_line_and_keeps_bugs_tracebacks(capsys):
+    from covidct.cli import run_reporting_errors
+
+    def no_permission(args):
+        raise PermissionError(13, "Permission denied", "/runs/x/last.npz")
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device", "/runs/x/best.npz")
+
+    def bug(args):
+        raise TypeError("a bug")
+
+    assert run_reporting_errors(no_permission, None) == 2
+    assert capsys.readouterr().err.strip() == "error: /runs/x/last.npz: Permission denied"
+    assert run_reporting_errors(disk_full, None) == 2
+    assert capsys.readouterr().err.strip() == "error: /runs/x/best.npz: No space left on device"
+    with pytest.raises(TypeError, match="a bug"):
+        run_reporting_errors(bug, None)
