@@ -163,7 +163,7 @@ def run_viz(args) -> int:
 
     from .checkpoint import load_checkpoint
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(args.checkpoint, task=None)   # filters and feature maps: any task's network
     if args.action == "filters":
         return wrote(viz.plot_filters(model, args.out))
     from .preprocess import Preprocess, load_image
@@ -310,9 +310,7 @@ def main(argv=None) -> int:
             print(f"error: --max-pixels must be >= 1, got {args.max_pixels}", file=sys.stderr)
             return 2
         preprocess.MAX_PIXELS = args.max_pixels
-    with warnings.catch_warnings():
-        warnings.showwarning = show_warning
-        return run_reporting_errors(RUNNERS[args.command], args)
+    return run_reporting_errors(RUNNERS[args.command], args)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -324,9 +322,12 @@ USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
 
 
 def run_reporting_errors(runner, args) -> int:
-    """runner(args), with user mistakes as one line 'error: ...' (exit 2) and Ctrl-C as exit 130."""
+    """runner(args), with user mistakes as one line 'error: ...' (exit 2), warnings as one line
+    'warning: ...' and Ctrl-C as exit 130."""
     try:
-        return runner(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return runner(args)
     except CovidCTError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -88,6 +88,7 @@ def test_pretraining_checkpoints_are_refused_by_predict_and_evaluate(data, image
                                 "--out", tmp_path / "eval"], "needs a COVID classifier")
     assert not (tmp_path / "eval").exists()
     assert load_checkpoint(pretrained, task="rotation")[1]["task"] == "rotation"   # its own task loads
+    assert main(["viz", "filters", "--checkpoint", str(pretrained), "--out", str(tmp_path / "f.png")]) == 0
 
 
 # 2. NaN/inf weights are refused on load, naming the tensor -------------------------------------
