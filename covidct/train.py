@@ -37,7 +37,7 @@ from .errors import CovidCTError
 from .evaluate import choose_threshold, predict_proba, report_text, write_evaluation
 from .frozen import strategy_for
 from .loader import DataLoader
-from .loop import EpochLoop, learning_rate, write_run_config  # noqa: F401  (learning_rate: public here too)
+from .loop import EpochLoop, learning_rate  # noqa: F401  (learning_rate: public here too)
 from .metrics import classification_metrics
 from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
 from .options import option
