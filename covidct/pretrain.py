@@ -187,6 +187,7 @@ class Pretrainer(EpochLoop):
 
 def pretrain(config: PretrainConfig, resume: bool = False, log=print) -> Path:
     """Run (or resume) rotation pretraining; returns the path of pretrained.npz."""
+    config.validate()                                   # a bad option leaves no run directory behind
     with RunLock(config.out, log):                      # before any work: a second writer is refused at once
         trainer = Pretrainer(config, log=log)
         if resume:

@@ -355,6 +355,7 @@ def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData 
 
     The run directory is locked first, so a second writer is refused before any work.
     """
+    config.validate()                                   # a bad option leaves no run directory behind
     with RunLock(config.out, log):
         trainer = Trainer(config, data=data, log=log)
         if resume:
