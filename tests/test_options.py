@@ -43,3 +43,15 @@ def test_schedule_flags_reach_the_pretrain_config(tmp_path):
     assert config.skip_bad is True and config.progress is False and config.val_split == ""
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--schedule", "linear"])     # choices come from the field
+
+
+@pytest.mark.parametrize("command, target", [("train", "covidct.train.train"), ("pretrain", "covidct.pretrain.pretrain")])
+def test_ctrl_c_says_how_to_continue(command, target, tmp_path, monkeypatch, capsys):
+    from covidct.cli import main
+
+    def interrupted(config, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    assert main([command, "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 130
+    assert f"continue with: covidct {command} --resume {tmp_path / 'run'}" in capsys.readouterr().err
