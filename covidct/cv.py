@@ -125,7 +125,7 @@ def _train_fold(config, data, test_images, blas_threads: int | None):
     from .train import Trainer
 
     lines = []
-    trainer = Trainer(config, log=lines.append, data=data)
+    trainer = Trainer(config, data=data, log=lines.append)
     trainer.fit()
     model, meta = load_checkpoint(Path(config.out) / "best.npz", config.device)
     scores = predict_proba(model, test_images, meta["normalization"]["mean"], meta["normalization"]["std"],
@@ -142,7 +142,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     Returns the cv.json dict.
     """
     from .ensemble import save_ensemble
-    from .train import load_extra, load_split, model_config_for, preprocess_for, pretrain_on_extra
+    from .train import TrainData, load_extra, load_split, model_config_for, preprocess_for, pretrain_on_extra
 
     if repeats < 1 or jobs < 1:
         raise CovidCTError(f"--repeats and --jobs must be >= 1, got {repeats} and {jobs}")
@@ -179,7 +179,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
                 train_paths = train_paths + list(extra[2])
             test_paths = [p for p, keep in zip(paths, test) if keep]
             fold_config = replace(config, out=str(out / f"r{repeat}-fold{fold}"), seed=config.seed + 1000 * repeat + fold)
-            data = (train_images, train_labels, train_paths, images[test], labels[test], test_paths)
+            data = TrainData(train_images, train_labels, images[test], labels[test], train_paths, test_paths)
             tasks.append((repeat, fold, fold_config, data, images[test]))
 
     started = time.perf_counter()

@@ -100,8 +100,7 @@ class _Quiet:
     def __exit__(self, *exc):
         for p, grad in zip(self.params, self.grads):
             p.grad = grad                       # None unless the caller had accumulated something
-        for layer in self.model.modules():
-            layer._saved = None                 # free what the forward kept for a backward never run
+        self.model.release_saved()              # free what the forward kept for a backward never run
         self.model.train(self.was_training)
         return False
 

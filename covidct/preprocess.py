@@ -19,6 +19,13 @@ lungs. So every mode goes through one rule (``to_gray``):
     F               value, clipped to [0, 1]  (32-bit float is taken as already scaled)
 
 No per-image min/max stretching: the intensity scale is the mode's real range.
+A float image whose pixels are all NaN/inf is refused (it holds no image); one
+with some NaN/inf pixels is read with them as 0, with a warning.
+
+Memory: an image with more than MAX_PIXELS pixels is refused from its header,
+before decoding (``covidct --max-pixels N`` changes the limit), and the
+decoding threads together hold at most DECODE_BUDGET_PIXELS pixels at once: a
+big image waits and decodes alone instead of four decoding side by side.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +62,8 @@ LUNG_MODES = ("none", "crop", "mask")
 CACHE_VERSION = 2                      # bump when the decoding rule changes
 MEMORY_CACHE_BYTES = 1 << 30           # at most 1 GiB of decoded images kept in memory
 RGB_WEIGHTS = (0.299, 0.587, 0.114)    # ITU-R BT.601 luma, as PIL's "L" conversion
+MAX_PIXELS = 50_000_000                # larger images are refused before decoding (covidct --max-pixels)
+DECODE_BUDGET_PIXELS = 32_000_000      # pixels being decoded at once, over all threads (~20 bytes each)
 
 
 @dataclass(frozen=True)
@@ -176,18 +186,62 @@ def _resize(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, i
     return canvas, (new_h, new_w)
 
 
+class PixelBudget:
+    """At most ``limit`` pixels held by the blocks inside ``hold`` at once, over all threads.
+
+    A request that does not fit waits until enough is released; one larger than the whole
+    limit waits until it is alone, so it always runs eventually.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.in_use = limit, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        with self.changed:
+            while self.in_use and self.in_use + pixels > self.limit:
+                self.changed.wait()
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.in_use -= pixels
+                self.changed.notify_all()
+
+
+_decode_budget = PixelBudget(DECODE_BUDGET_PIXELS)
+
+
+def _check_finite(image: Image.Image, path: str) -> None:
+    """Float images (mode F): refuse all-NaN/inf, warn about some NaN/inf (read as 0)."""
+    if image.mode != "F":
+        return
+    bad = ~np.isfinite(np.asarray(image, dtype=np.float32))
+    if bad.all():
+        raise DataError(f"{path}: every pixel is NaN or infinite; the float image holds no picture")
+    if bad.any():
+        warnings.warn(f"{path}: {int(bad.sum())} of {bad.size} pixels are NaN or infinite; read as 0", stacklevel=2)
+
+
 def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int], bool]:
     """File bytes -> ((1, size, size) float32, content (h, w) after resize, lungs found), or DataError
     naming `path`. "lungs found" is True unless pre.lungs asked for a crop and the mask was implausible."""
     if len(data) == 0:
         raise DataError(f"{path}: empty file (0 bytes), not an image")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:              # reads the header only
             w, h = image.size
             if w < 1 or h < 1:
                 raise DataError(f"{path}: zero-size image ({w}x{h} px)")
-            image.load()
-            gray = to_gray(image)
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{path}: {w}x{h} = {w * h:,} pixels, more than the limit of {MAX_PIXELS:,}; "
+                                f"downscale it, or raise the limit with covidct --max-pixels N")
+            with _decode_budget.hold(w * h):
+                image.load()
+                _check_finite(image, path)
+                gray = to_gray(image)
     except DataError:
         raise
     except UnidentifiedImageError as error:
@@ -201,7 +255,8 @@ def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, 
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise DataError(f"{path}: zero-size image ({gray.shape})")
     gray, lungs_found = _cut_to_lungs(gray, pre)
-    image_out, content_hw = _resize(gray, pre)
+    with _decode_budget.hold(gray.size):
+        image_out, content_hw = _resize(gray, pre)
     return image_out[None], content_hw, lungs_found
 
 
