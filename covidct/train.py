@@ -34,6 +34,7 @@ from .loader import DataLoader
 from .metrics import classification_metrics
 from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
 from .preprocess import Preprocess, compute_normalization, load_images, normalize
+from .scan import CTWindow
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
 
@@ -242,6 +243,7 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "preprocess": self.preprocess.to_dict(),
             "normalization": {"mean": self.mean, "std": self.std},
+            "ct_window": CTWindow().to_dict(),  # how DICOM/NIfTI scans become gray slices (covidct.scan)
             "threshold": threshold,
             "train_config": asdict(self.config),
             "augment": str(self.augment),
