@@ -244,6 +244,21 @@ def run_predict_scans(args, scans) -> int:
     return 0
 
 
+# -- export / serve ------------------------------------------------------------------------
+def run_export(args) -> int:
+    from .export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.format, args.out)
+    print(f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def run_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args.checkpoint, host=args.host, port=args.port, device=args.device)
+
+
 # -- viz -------------------------------------------------------------------------------------
 def run_viz(args) -> int:
     from . import viz
@@ -308,6 +323,9 @@ EXAMPLES = {
     "predict": "examples:\n  covidct predict --checkpoint runs/default-covid-ct/best.npz scans/ slice1.png --output preds.csv\n"
                "  covidct predict --checkpoint runs/default-covid-ct/best.npz scan.nii.gz --output slices.csv\n"
                "  covidct predict --checkpoint runs/default-covid-ct/best.npz dicom_series_dir/ --window 1500,-600",
+    "export": "examples:\n  covidct export --checkpoint runs/default-covid-ct/best.npz --format onnx --out covidct.onnx\n"
+              "  covidct export --checkpoint runs/default-covid-ct/best.npz --format safetensors --out covidct.safetensors",
+    "serve": "example:\n  covidct serve --checkpoint runs/default-covid-ct/best.npz --port 8000   # then open http://127.0.0.1:8000",
     "synth": "example:\n  covidct synth --out data/phantom --n 600 --seed 1",
     "describe": "example:\n  covidct describe ../shared/covid-ct",
     "viz": "examples:\n  covidct viz filters --checkpoint runs/default-covid-ct/best.npz --out filters.png\n"
@@ -356,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "P(COVID) is the mean of its K highest slice probabilities (default: 10%% of the slices)")
     predict.add_argument("--series", metavar="UID", default=None,
                          help="CT scans: the SeriesInstanceUID to use from a folder holding several series")
+
+    export = command("export", "write a checkpoint as ONNX (for ONNX Runtime) or safetensors (for PyTorch)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", required=True, choices=["onnx", "safetensors"])
+    export.add_argument("--out", required=True, help="output file (.onnx / .safetensors)")
+
+    serve = command("serve", "a local web page: upload a slice, see P(COVID), Grad-CAM, lung mask and feature maps")
+    serve.add_argument("--checkpoint", required=True)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
 
     synth = command("synth", "write a synthetic CT phantom dataset in the UCSD COVID-CT layout")
     synth.add_argument("--out", required=True)
@@ -407,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RUNNERS = {"train": run_train, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
            "describe": run_describe, "viz": run_viz}
+RUNNERS.update(export=run_export, serve=run_serve)
 
 
 def main(argv=None) -> int:
