@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["CTWindow", "Volume", "is_scan_path", "read_scan", "read_dicom_bytes", "scan_inputs",
+__all__ = ["CTWindow", "Volume", "is_scan_path", "read_scan", "read_dicom_bytes", "slice_input", "scan_inputs",
            "scan_score", "default_top_k", "window_from_metadata"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -339,11 +339,21 @@ def read_nifti(path) -> Volume:
 
 
 # ------------------------------------------------------------------ into the network
+def slice_input(gray, preprocess) -> np.ndarray:
+    """One windowed slice (H, W) in [0, 1] -> (1, size, size) float32: the steps a PNG/JPEG slice
+    takes after its gray conversion (``covidct.preprocess``): the lung-field crop where that
+    version of covidct.preprocess has one, then the resize."""
+    from . import preprocess as pipeline
+
+    cut_to_lungs = getattr(pipeline, "_cut_to_lungs", None)       # Preprocess.lungs ("crop", "mask")
+    if cut_to_lungs is not None:
+        gray, _ = cut_to_lungs(gray, preprocess)
+    return pipeline._resize(np.asarray(gray, np.float32), preprocess)[0][None]
+
+
 def scan_inputs(volume: Volume, window: CTWindow, preprocess) -> np.ndarray:
     """Volume -> (S, 1, size, size) float32 in [0, 1]: the lung window, then the slice pipeline."""
-    from .preprocess import _resize                  # the same resize as PNG/JPEG slices
-
-    return np.stack([_resize(gray, preprocess)[0][None] for gray in window.apply(volume.hu)])
+    return np.stack([slice_input(gray, preprocess) for gray in window.apply(volume.hu)])
 
 
 def default_top_k(n_slices: int) -> int:
