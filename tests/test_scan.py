@@ -268,3 +268,21 @@ def test_series_option_picks_one_series_from_a_mixed_folder(tmp_path):
     assert len(read_dicom_series(folder, series="1.2.3.5")) == 2
     with pytest.raises(DataError, match="no series '9.9'"):
         read_dicom_series(folder, series="9.9")
+
+
+def test_example_phantom_scan_reads_back_as_the_phantom_slices(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from covidct.synthetic import make_slice
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "make_phantom_scan.py"
+    spec = importlib.util.spec_from_file_location("make_phantom_scan", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--out", str(tmp_path), "--slices", "3", "--covid-slices", "1", "--size", "32"]) == 0
+    rng = np.random.default_rng(0)
+    expected = np.stack([make_slice(label, rng, size=32) for label in (0, 1, 0)])
+    for scan in (tmp_path / "scan.nii.gz", tmp_path / "dicom"):
+        gray = CTWindow().apply(read_scan(scan).hu)
+        np.testing.assert_allclose(gray, expected, atol=0.5 / 1500 + 1e-6)
