@@ -1,4 +1,4 @@
-"""The ``covidct`` command: train, pretrain, evaluate, predict, synth, describe, viz.
+"""The ``covidct`` command: train, pretrain, evaluate, predict, synth, describe, viz, export, serve.
 
 User mistakes (missing path, bad option value, wrong checkpoint) end with one
 line ``error: ...`` and exit status 2, never a traceback.

@@ -206,10 +206,8 @@ def _decode_hu(ds, name: str, syntax) -> np.ndarray:
                         "per pixel; expected a grayscale CT image")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":   # inverted display
-        hu = hu.max() + hu.min() - hu
-    return hu
+    # HU whatever the PhotometricInterpretation: MONOCHROME1 only inverts how a viewer shows them.
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
 def _slice_position(ds) -> float | None:

@@ -23,7 +23,7 @@ import base64
 import io
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +109,13 @@ def first_conv(model) -> mc.Conv2d:
 # ------------------------------------------------------------------ one prediction
 @dataclass
 class ServedModel:
+    """A loaded checkpoint and what the page needs from its metadata; ``lock``: one request at a time."""
     model: mc.Module
     meta: dict
     device: str = "cpu"
-    lock: threading.Lock = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
-        self.lock = self.lock or threading.Lock()
         self.preprocess = Preprocess.from_dict(self.meta["preprocess"])
         self.threshold = float(self.meta.get("threshold", 0.5))
         self.mean, self.std = self.meta["normalization"]["mean"], self.meta["normalization"]["std"]

@@ -21,13 +21,13 @@ from covidct.scan import CTWindow
 from covidct.synthetic import make_slice
 
 
-def phantom_hu(slices: int, covid_slices: int, size: int, seed: int) -> np.ndarray:
+def phantom_hu(slices: int, covid_slices: int, size: int, seed: int, difficulty: float) -> np.ndarray:
     """(S, H, W) int16 HU; the middle covid_slices slices have lesions."""
     rng = np.random.default_rng(seed)
     first = (slices - covid_slices) // 2
     window = CTWindow()
     low = window.level - window.width / 2
-    grays = [make_slice(int(first <= k < first + covid_slices), rng, size=size) for k in range(slices)]
+    grays = [make_slice(int(first <= k < first + covid_slices), rng, size=size, difficulty=difficulty) for k in range(slices)]
     return np.round(low + window.width * np.stack(grays)).astype(np.int16)
 
 
@@ -73,13 +73,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="data/phantom-scan")
     parser.add_argument("--slices", type=int, default=24)
     parser.add_argument("--covid-slices", type=int, default=8)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--difficulty", type=float, default=0.3, help="as covidct's default phantom dataset")
     parser.add_argument("--spacing", type=float, default=5.0, help="slice spacing in mm")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    hu = phantom_hu(args.slices, args.covid_slices, args.size, args.seed)
+    hu = phantom_hu(args.slices, args.covid_slices, args.size, args.seed, args.difficulty)
     print(f"wrote {write_nifti(out / 'scan.nii.gz', hu, args.spacing)} and "
           f"{write_dicom_series(out / 'dicom', hu, args.spacing)}/ ({args.slices} slices, "
           f"{args.covid_slices} with lesions, HU {hu.min()}..{hu.max()})")

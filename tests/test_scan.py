@@ -282,7 +282,7 @@ def test_example_phantom_scan_reads_back_as_the_phantom_slices(tmp_path):
     spec.loader.exec_module(example)
     assert example.main(["--out", str(tmp_path), "--slices", "3", "--covid-slices", "1", "--size", "32"]) == 0
     rng = np.random.default_rng(0)
-    expected = np.stack([make_slice(label, rng, size=32) for label in (0, 1, 0)])
+    expected = np.stack([make_slice(label, rng, size=32, difficulty=0.3) for label in (0, 1, 0)])
     for scan in (tmp_path / "scan.nii.gz", tmp_path / "dicom"):
         gray = CTWindow().apply(read_scan(scan).hu)
         np.testing.assert_allclose(gray, expected, atol=0.5 / 1500 + 1e-6)
