@@ -106,6 +106,13 @@ def first_conv(model) -> mc.Conv2d:
     return next(module for module in model.modules() if isinstance(module, mc.Conv2d))
 
 
+def describe_conv(conv: mc.Conv2d) -> str:
+    """'Conv2d 1->16, 5x5, stride 2' for the page."""
+    (kh, kw), (sy, sx) = conv.kernel_size, conv.stride
+    stride = f"{sy}" if sy == sx else f"{sy}x{sx}"
+    return f"Conv2d {conv.in_channels}->{conv.out_channels}, {kh}x{kw}, stride {stride}"
+
+
 # ------------------------------------------------------------------ one prediction
 @dataclass
 class ServedModel:
@@ -161,7 +168,7 @@ def analyse_upload(served: ServedModel, data: bytes, filename: str = "upload") -
         "label": CLASS_NAMES[int(p_covid >= served.threshold)],
         "lung_fraction": float(mask.mean()),
         "gradcam_in_lungs": None if not np.isfinite(inside) else float(inside),
-        "feature_maps": {"count": int(maps.shape[0]), "layer": repr(conv)},
+        "feature_maps": {"count": int(maps.shape[0]), "layer": describe_conv(conv)},
         "images": {
             "slice": png_data_uri(gray),
             "gradcam": png_data_uri(heat_overlay(gray, heatmap[0])),
@@ -215,15 +222,19 @@ def _html_escape(text: str) -> str:
 
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu") -> int:
     """Run the page with Flask's own server until Ctrl-C."""
+    import socket
+
     app = create_app(checkpoint, device)
+    try:                                  # a clear one-line error now, rather than Werkzeug's exit later
+        with socket.create_server((host, port)):
+            pass
+    except (OSError, OverflowError) as error:
+        raise CovidCTError(f"--host {host} --port {port}: cannot listen there "
+                           f"({getattr(error, 'strerror', None) or error}); choose another --port") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: other machines can reach this page (no authentication)")
     print(f"covidct: serving {checkpoint} on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    try:
-        app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
-    except OSError as error:
-        raise CovidCTError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}); "
-                           "choose another --port") from None
+    app.run(host=host, port=port, threaded=True, debug=False, use_reloader=False)
     return 0
 
 

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image", required=True, help="the slice to upload (PNG, JPEG or DICOM)")
     parser.add_argument("--out", default="docs/images/serve.png")
     parser.add_argument("--width", type=int, default=1100)
-    parser.add_argument("--height", type=int, default=640)
+    parser.add_argument("--height", type=int, default=700)
     args = parser.parse_args(argv)
 
     from selenium import webdriver

@@ -116,6 +116,18 @@ def test_serve_binds_to_localhost_by_default():
     assert args.host == "127.0.0.1" and args.port == 8000
 
 
+def test_serve_on_a_busy_port_is_one_line(checkpoint, capsys):
+    import socket
+
+    from covidct.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(checkpoint), "--port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there") and error.count("\n") == 1
+
+
 # ------------------------------------------------------------------ a real browser
 def chromium_driver():
     """A headless Chromium via Selenium, or skip with the reason."""
@@ -165,7 +177,7 @@ def test_page_in_headless_chromium(live_server, checkpoint, tmp_path):
                 "const img = document.getElementById(arguments[0]); return img.complete ? img.naturalWidth : 0;",
                 f"img-{key}")
             assert width > 0, key
-        assert "4 feature maps of the first conv layer" in driver.find_element(By.ID, "features-caption").text
+        assert "4 feature maps of the first conv layer, Conv2d 1->4, 3x3, stride 1" in driver.find_element(By.ID, "features-caption").text
         if os.environ.get("COVIDCT_SCREENSHOT"):
             driver.save_screenshot(os.environ["COVIDCT_SCREENSHOT"])
 
