@@ -1,8 +1,6 @@
 """DICOM and NIfTI input: Hounsfield units, slice order, orientation, the lung window, predict on
 scans, and one clear line for each kind of bad file. The scans are phantoms written by the tests."""
 import csv
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -84,9 +82,16 @@ def write_nifti(path, hu, slope=2.0, intercept=-1024.0, spacing=2.5):
     return path
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, "-m", "covidct", *map(str, args)], capture_output=True, text=True)
-    return result.returncode, result.stdout, result.stderr
+@pytest.fixture
+def run_cli(capsys):
+    """covidct's main() in this process -> (exit status, stdout, stderr)."""
+    from covidct.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +154,7 @@ def test_pydicom_sample_ct_reads_in_hounsfield_units():
     assert -1100 < volume.hu.min() < volume.hu.max() < 3000
 
 
-def test_predict_on_a_nifti_volume_and_a_dicom_folder(tmp_path, checkpoint):
+def test_predict_on_a_nifti_volume_and_a_dicom_folder(tmp_path, checkpoint, run_cli):
     hu = phantom(slices=12, size=32)
     nifti = write_nifti(tmp_path / "scan.nii.gz", hu)
     series = write_series(tmp_path / "series", hu)
@@ -169,7 +174,7 @@ def test_predict_on_a_nifti_volume_and_a_dicom_folder(tmp_path, checkpoint):
     assert code == 0 and "window W400/L40 HU" in stdout_narrow and "mean of the top 12 of 12" in stdout_narrow
 
 
-def test_pydicom_sample_through_the_cli(checkpoint):
+def test_pydicom_sample_through_the_cli(checkpoint, run_cli):
     from pydicom.data import get_testdata_file
 
     code, stdout, stderr = run_cli("predict", "--checkpoint", checkpoint, get_testdata_file("CT_small.dcm"))
@@ -248,14 +253,11 @@ def truncated_nifti(tmp_path):
     (four_d, "a 4-D volume of shape (8, 8, 4, 3)"),
     (truncated_nifti, "NIfTI"),
 ])
-def test_bad_scans_end_in_one_clear_line(tmp_path, checkpoint, capsys, recwarn, make, message):
-    from covidct.cli import main
-
+def test_bad_scans_end_in_one_clear_line(tmp_path, checkpoint, run_cli, recwarn, make, message):
     path = make(tmp_path)
     with pytest.raises(DataError, match="^" + str(path).replace("\\", "\\\\")):
         read_scan(path)
-    code = main(["predict", "--checkpoint", str(checkpoint), str(path)])
-    stderr = capsys.readouterr().err
+    code, _, stderr = run_cli("predict", "--checkpoint", checkpoint, path)
     assert not [str(w.message) for w in recwarn if "pydicom" in str(w.filename)]   # no warnings leak out
     assert code == 2 and message in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith(f"error: {path}")
