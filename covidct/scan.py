@@ -155,13 +155,13 @@ def _pydicom():
     return pydicom
 
 
-def _read_dataset(source, name: str):
-    """pydicom Dataset from a path or a file object, with one-line errors."""
+def _read_dataset(source, name: str, header_only: bool = False):
+    """pydicom Dataset from a path or a file object (without the pixels: header_only), one-line errors."""
     pydicom = _pydicom()
     try:
         with warnings.catch_warnings():          # pydicom warns about odd values; we report what matters
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(source)
+            return pydicom.dcmread(source, stop_before_pixels=header_only)
     except pydicom.errors.InvalidDicomError:
         raise DataError(f"{name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -246,17 +246,8 @@ def read_dicom_series(folder, series: str | None = None) -> Volume:
     files = _dicom_files(folder)
     if not files:
         raise DataError(f"{folder}: no DICOM files (.dcm, or files with the 'DICM' marker) in this folder")
-    pydicom = _pydicom()
-    headers = []
-    for file in files:            # headers only first: cheap, and a mixed folder is refused before decoding
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                headers.append((file, pydicom.dcmread(str(file), stop_before_pixels=True)))
-        except pydicom.errors.InvalidDicomError:
-            raise DataError(f"{file}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
-        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise DataError(f"{file}: unreadable DICOM header ({_first_line(error)})") from None
+    # Headers first (cheap): a mixed folder is refused before any pixels are decoded.
+    headers = [(file, _read_dataset(str(file), str(file), header_only=True)) for file in files]
     groups: dict[str, list] = {}
     for file, ds in headers:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "") or "(no SeriesInstanceUID)"), []).append((file, ds))
