@@ -20,7 +20,12 @@ setup(
     ],
     entry_points={"console_scripts": ["covidct = covidct.cli:main"]},
     extras_require={
-        "test": ["pytest>=7", "threadpoolctl>=3"],
+        "test": ["pytest>=7", "threadpoolctl>=3", "safetensors>=0.4"],
         "gpu": ["cupy-cuda12x"],
+        # DICOM / NIfTI scans (covidct predict scan.nii.gz), ONNX export, the local web page.
+        # safetensors export needs nothing: it is written with NumPy (the package only tests it).
+        "dicom": ["pydicom>=2.4", "nibabel>=5.0"],
+        "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
+        "web": ["flask>=2.3"],
     },
 )

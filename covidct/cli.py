@@ -1,4 +1,4 @@
-"""The ``covidct`` command: train, pretrain, evaluate, predict, synth, describe, viz.
+"""The ``covidct`` command: train, pretrain, evaluate, predict, synth, describe, viz, export, serve.
 
 User mistakes (missing path, bad option value, wrong checkpoint) end with one
 line ``error: ...`` and exit status 2, never a traceback. So do the OS errors a
@@ -139,11 +139,15 @@ def run_evaluate(args) -> int:
 # -- predict -------------------------------------------------------------------------------
 def run_predict(args) -> int:
     from .predict import format_table, predict_files, write_rows
+    from .scan import is_scan_path
 
     if args.output:
         writable_file(args.output, "--output")
     if args.gradcam:
         writable_dir(args.gradcam, "--gradcam")
+    scans = [path for path in args.paths if is_scan_path(path)]
+    if scans:
+        return run_predict_scans(args, scans)
     rows, failures, threshold = predict_files(args.checkpoint, args.paths, device=args.device)
     if rows:
         print(format_table(rows))
@@ -162,6 +166,46 @@ def run_predict(args) -> int:
     if failures:
         print(f"{len(failures)} of {len(rows) + len(failures)} files could not be read", file=sys.stderr)
     return 1 if failures else 0
+
+
+def run_predict_scans(args, scans) -> int:
+    """predict on DICOM/NIfTI scans: a per-slice table and a per-scan score for each."""
+    from .checkpoint import load_checkpoint
+    from .predict_scan import format_scan, predict_scan, write_slice_rows
+    from .scan import CTWindow
+
+    images = [path for path in args.paths if path not in scans]
+    if images:
+        raise CovidCTError(f"{images[0]}: an image file among CT scans (DICOM/NIfTI); predict scans and "
+                           "image files in separate calls")
+    if args.gradcam:
+        raise CovidCTError("--gradcam works on image files; for scans use 'covidct serve' to look at a slice")
+    window = CTWindow.parse(args.window) if args.window else None
+    model, meta = load_checkpoint(args.checkpoint, args.device)
+    predictions = []
+    for path in scans:
+        predictions.append(predict_scan(model, meta, path, window=window, top_k=args.top_k,
+                                        series=args.series, device=args.device))
+        print(format_scan(predictions[-1]) + "\n")
+    if args.output:
+        print(f"wrote {sum(len(p.rows) for p in predictions)} slice predictions to "
+              f"{write_slice_rows(predictions, args.output)}")
+    return 0
+
+
+# -- export / serve ------------------------------------------------------------------------
+def run_export(args) -> int:
+    from .export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.format, args.out)
+    print(f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def run_serve(args) -> int:
+    from .serve import serve
+
+    return serve(args.checkpoint, host=args.host, port=args.port, device=args.device)
 
 
 # -- viz -------------------------------------------------------------------------------------
@@ -232,7 +276,12 @@ EXAMPLES = {
                 "--out runs/ssl-default\n"
                 "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",
     "evaluate": "example:\n  covidct evaluate --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val",
-    "predict": "example:\n  covidct predict --checkpoint runs/default-covid-ct/best.npz scans/ slice1.png --output preds.csv",
+    "predict": "examples:\n  covidct predict --checkpoint runs/default-covid-ct/best.npz scans/ slice1.png --output preds.csv\n"
+               "  covidct predict --checkpoint runs/default-covid-ct/best.npz scan.nii.gz --output slices.csv\n"
+               "  covidct predict --checkpoint runs/default-covid-ct/best.npz dicom_series_dir/ --window 1500,-600",
+    "export": "examples:\n  covidct export --checkpoint runs/default-covid-ct/best.npz --format onnx --out covidct.onnx\n"
+              "  covidct export --checkpoint runs/default-covid-ct/best.npz --format safetensors --out covidct.safetensors",
+    "serve": "example:\n  covidct serve --checkpoint runs/default-covid-ct/best.npz --port 8000   # then open http://127.0.0.1:8000",
     "synth": "example:\n  covidct synth --out data/phantom --n 600 --seed 1",
     "describe": "example:\n  covidct describe ../shared/covid-ct",
     "viz": "examples:\n  covidct viz filters --checkpoint runs/default-covid-ct/best.npz --out filters.png\n"
@@ -284,6 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     predict.add_argument("--gradcam", metavar="OUT_DIR", default=None,
                          help="also write one Grad-CAM overlay PNG (COVID logit) per image to OUT_DIR")
+    predict.add_argument("--window", metavar="WIDTH,LEVEL", default=None,
+                         help="CT scans: lung window in HU (default: the checkpoint's, else 1500,-600)")
+    predict.add_argument("--top-k", type=int, default=None, metavar="K", help="CT scans: the scan's "
+                         "P(COVID) is the mean of its K highest slice probabilities (default: 10%% of the slices)")
+    predict.add_argument("--series", metavar="UID", default=None,
+                         help="CT scans: the SeriesInstanceUID to use from a folder holding several series")
+
+    export = command("export", "write a checkpoint as ONNX (for ONNX Runtime) or safetensors (for PyTorch)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", required=True, choices=["onnx", "safetensors"])
+    export.add_argument("--out", required=True, help="output file (.onnx / .safetensors)")
+
+    serve = command("serve", "a local web page: upload a slice, see P(COVID), Grad-CAM, lung mask and feature maps")
+    serve.add_argument("--checkpoint", required=True)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
 
     synth = command("synth", "write a synthetic CT phantom dataset in the UCSD COVID-CT layout")
     synth.add_argument("--out", required=True)
@@ -341,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RUNNERS = {"train": run_train, "cv": run_cv, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
            "describe": run_describe, "viz": run_viz}
+RUNNERS.update(export=run_export, serve=run_serve)
 
 
 def main(argv=None) -> int:

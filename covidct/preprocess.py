@@ -254,9 +254,16 @@ def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, 
         raise DataError(f"{path}: corrupt or truncated image ({reason})") from error
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise DataError(f"{path}: zero-size image ({gray.shape})")
-    gray, lungs_found = _cut_to_lungs(gray, pre)
     with _decode_budget.hold(gray.size):
-        image_out, content_hw = _resize(gray, pre)
+        return prepare_gray(gray, pre)
+
+
+def prepare_gray(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """A gray slice (h, w) in [0, 1] -> ((1, size, size) float32, content (h, w) after resize, lungs
+    found): the lung-field cut that pre.lungs asks for, then the resize. Every input (PNG, JPEG,
+    DICOM, NIfTI slice) goes through here after its conversion to gray."""
+    gray, lungs_found = _cut_to_lungs(np.asarray(gray, np.float32), pre)
+    image_out, content_hw = _resize(gray, pre)
     return image_out[None], content_hw, lungs_found
 
 
@@ -268,6 +275,24 @@ def _cut_to_lungs(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, bool]:
 
     lungs = find_lungs(gray)
     return crop_to_lungs(gray, lungs, pre.lung_margin, blank_outside=pre.lungs == "mask"), lungs.found
+
+
+def lung_mask_of_input(path, pre: Preprocess) -> np.ndarray | None:
+    """The lung fields of an image file, in the geometry of its model input: bool (size, size), or
+    None where the mask is implausible. The mask is found on the whole slice (covidct.lungs) and
+    then cut and resized exactly as the image is, so it stays right for lung-cropped inputs."""
+    from .lungs import crop_to_lungs, find_lungs
+
+    path = str(path)
+    with Image.open(io.BytesIO(_read_bytes(path))) as image:
+        gray = to_gray(image)
+    lungs = find_lungs(gray)
+    if not lungs.found:
+        return None
+    mask = lungs.mask.astype(np.float32)
+    if pre.lungs != "none":
+        mask = crop_to_lungs(mask, lungs, pre.lung_margin)
+    return _resize(mask, pre)[0] > 0.5
 
 
 def _png_header_size(data: bytes) -> tuple[int, int] | None:

@@ -44,6 +44,7 @@ from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
 from .preprocess import LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, load_images
+from .scan import CTWindow
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
 OPTIMIZERS, SCHEDULES, DEVICES = ("sgd", "adam", "adamw"), ("none", "step", "cosine"), ("cpu", "gpu")
@@ -369,6 +370,7 @@ class Trainer(EpochLoop):
     def metadata(self, epoch: int, threshold: float = 0.5, metrics=None) -> dict:
         return {"model_config": self.model_config.to_dict(), "preprocess": self.preprocess.to_dict(),
                 "normalization": {"mean": self.mean, "std": self.std}, "threshold": threshold,
+                "ct_window": CTWindow().to_dict(),  # how DICOM/NIfTI scans become gray slices (covidct.scan)
                 "augment": str(self.augment), "metrics": metrics or {}}
 
     def batches(self, epoch: int):

@@ -30,7 +30,7 @@ import minicnn as mc  # noqa: E402
 
 from . import CLASS_NAMES, COVID  # noqa: E402
 from .errors import CovidCTError  # noqa: E402
-from .gradcam import feature_maps, gradcam, lung_mask, mass_inside  # noqa: E402
+from .gradcam import feature_maps, gradcam, mass_inside  # noqa: E402
 
 __all__ = ["HAND_KERNELS", "hand_kernel_conv", "apply_hand_kernels", "plot_filters", "plot_feature_maps",
            "plot_hand_kernels", "plot_gradcam_grid", "plot_gradcam_overlay", "select_examples", "gradcam_grid",
@@ -321,9 +321,10 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
                    cam_target: str = "predicted", jpeg_quality: int = 75, device: str = "cpu") -> dict:
     """Two checks that the classifier looks at the lungs and not at the file:
 
-    (a) Grad-CAM mass inside vs outside a rough lung mask (``covidct.gradcam.lung_mask``
-        of the preprocessed slice), per class and overall; next to it the mask's share of
-        the image, i.e. what a heatmap spread evenly would give.
+    (a) Grad-CAM mass inside vs outside the lung mask (``covidct.lungs`` on the whole slice,
+        cut and resized as the model input is: ``preprocess.lung_mask_of_input``), per class
+        and overall; next to it the mask's share of the image, i.e. what a heatmap spread
+        evenly would give. Slices without a plausible mask are left out (counted).
     (b) accuracy / AUC when every image is re-encoded in the other class's file format
         (COVID -> JPEG quality 75, non-COVID -> PNG), then decoded with the same
         preprocessing, vs the original files.
@@ -332,7 +333,7 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     Writes out_dir/shortcut.json and out_dir/shortcut.md; returns the dict.
     """
     from .evaluate import predict_proba
-    from .preprocess import Preprocess, load_image
+    from .preprocess import Preprocess, load_image, lung_mask_of_input
 
     if cam_target not in ("predicted", "covid"):
         raise CovidCTError(f"cam_target must be 'predicted' or 'covid', got {cam_target!r}")
@@ -345,9 +346,10 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     # (a) Grad-CAM mass inside the lung mask.
     targets = predicted if cam_target == "predicted" else np.full(len(labels), COVID)
     heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets)
-    masks = np.stack([lung_mask(image[0]) for image in images])
+    found = [lung_mask_of_input(path, preprocess) for path in paths]
+    usable = np.array([mask is not None for mask in found])   # implausible masks are left out
+    masks = np.stack([mask if mask is not None else np.zeros(images.shape[2:], bool) for mask in found])
     area = masks.mean(axis=(1, 2))
-    usable = area >= 0.02                                   # masks under 2% of the slice: failed
     inside = np.array([mass_inside(h, m) if ok else np.nan for h, m, ok in zip(heatmaps, masks, usable)])
 
     def cam_summary(select):

@@ -1,0 +1,30 @@
+"""Checkpoints for tests that need a model but no training (imported explicitly, not a conftest)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from covidct.checkpoint import save_checkpoint
+from covidct.model import build_model, preset
+from covidct.preprocess import Preprocess
+
+
+def write_checkpoint(path, name: str = "tiny", input_size: int | None = None, seed: int = 0,
+                     threshold: float = 0.5, **meta) -> Path:
+    """A covidct checkpoint of preset ``name`` with random weights (and, for BatchNorm, random
+    running statistics, so eval mode is not the identity), as ``covidct train`` writes it."""
+    config = preset(name)
+    if input_size is not None:
+        config.input_size = input_size
+    model = build_model(config, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for module in model.modules():
+        if hasattr(module, "running_var"):
+            module.running_mean = rng.normal(0, 0.1, module.running_mean.shape).astype(np.float32)
+            module.running_var = rng.uniform(0.5, 1.5, module.running_var.shape).astype(np.float32)
+            module.weight.data = rng.uniform(0.5, 1.5, module.weight.shape).astype(np.float32)
+            module.bias.data = rng.normal(0, 0.1, module.bias.shape).astype(np.float32)
+    metadata = dict(model_config=config.to_dict(), preprocess=Preprocess(size=config.input_size).to_dict(),
+                    normalization={"mean": 0.4, "std": 0.25}, threshold=threshold, **meta)
+    return save_checkpoint(path, model, metadata)
