@@ -24,7 +24,7 @@ The protocol of one run: every fold trains on the other k-1 folds (+ any
 epoch (the held-out fold never picks an epoch or a threshold); its predictions on
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
 drawn R times (different seeds) and each slice's OOF probability is the mean over
-repeats. The decision threshold is chosen once on all OOF predictions (Youden's J,
+repeats (and, with --tta, over each slice and its mirror image). The decision threshold is chosen once on all OOF predictions (Youden's J,
 or the smallest threshold reaching --target-sensitivity) and reported per fold as
 mean +/- sd. The k fold models of the first repeat are saved as one ensemble
 checkpoint that evaluate and predict take like any other.
@@ -116,8 +116,9 @@ def choose_oof_threshold(labels, scores, target_sensitivity: float | None) -> tu
 
 
 # ------------------------------------------------------------------ one fold
-def _train_fold(config, data, test_images, blas_threads: int | None):
-    """Train one fold (in this process or a worker) -> (P(COVID) on the held-out fold, best.npz path)."""
+def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool = False):
+    """Train one fold (in this process or a worker) -> (P(COVID) on the held-out fold, best.npz path).
+    tta: the held-out probability is the mean over the slice and its left-right mirror image."""
     if blas_threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads)
     from .checkpoint import load_checkpoint
@@ -128,8 +129,11 @@ def _train_fold(config, data, test_images, blas_threads: int | None):
     trainer = Trainer(config, data=data, log=lines.append)
     trainer.fit()
     model, meta = load_checkpoint(Path(config.out) / "best.npz", config.device)
-    scores = predict_proba(model, test_images, meta["normalization"]["mean"], meta["normalization"]["std"],
-                           device=config.device)
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    scores = predict_proba(model, test_images, mean, std, device=config.device)
+    if tta:
+        mirrored = predict_proba(model, test_images[..., ::-1].copy(), mean, std, device=config.device)
+        scores = (scores + mirrored) / 2
     Path(config.out, "log.txt").write_text("\n".join(str(line) for line in lines) + "\n")
     return scores, str(Path(config.out) / "best.npz")
 
@@ -187,10 +191,10 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     members = [None] * folds
     blas_threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if jobs == 1:
-        results = (_train_fold(c, d, t, None) for _, _, c, d, t in tasks)
+        results = (_train_fold(c, d, t, None, tta) for _, _, c, d, t in tasks)
     else:
         pool = ProcessPoolExecutor(max_workers=jobs)
-        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads) for _, _, c, d, t in tasks]))
+        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads, tta) for _, _, c, d, t in tasks]))
     for (repeat, fold, _, _, _), (scores, checkpoint) in zip(tasks, results):
         oof[repeat, fold_table[repeat] == fold] = scores
         if repeat == 0:
