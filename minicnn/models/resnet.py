@@ -24,7 +24,7 @@ from .. import init
 from ..backend import get_array_module
 from ..layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
 from ..layers.residual import BasicBlock, make_downsample
-from ..module import Module, Sequential
+from ..module import Module, Sequential, forward_in_order
 
 # torchvision's ImageNet normalisation, per RGB channel, for images scaled to [0, 1]:
 #   x_normalised = (x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
@@ -83,8 +83,7 @@ class ResNet(Module):
         ``fc`` on them. ``keep_for_backward=False`` frees what each layer saved
         for backward as soon as the features are computed.
         """
-        for name in BACKBONE:
-            x = getattr(self, name)(x)
+        x = forward_in_order([getattr(self, name) for name in BACKBONE], x)   # relu + maxpool fused
         if not keep_for_backward:
             self.release_saved()
         return x
