@@ -341,16 +341,15 @@ class Trainer:
     def backbone_features_of_batch(self, x):
         """A frozen backbone on one (normalised, augmented) batch: eval mode, nothing kept for backward."""
         self.backbone.eval()                                     # BatchNorm uses its running statistics
-        features = self.backbone(x)
-        self.backbone.release_saved()
-        return features
+        with mc.no_grad():                                       # nothing kept for a backward
+            return self.backbone(x)
 
     def validate(self, epoch: int) -> tuple[dict, np.ndarray]:
         cache = self.feature_cache if self.frozen(epoch) else None
         if cache is not None:
             self.head.eval()
-            scores = softmax(mc.as_numpy(self.head(cache[1])).astype(np.float64))[:, 1]
-            self.head.release_saved()
+            with mc.no_grad():
+                scores = softmax(mc.as_numpy(self.head(cache[1])).astype(np.float64))[:, 1]
         else:
             scores = predict_proba(self.model, self.val_images, self.mean, self.std, device=self.config.device)
         metrics = classification_metrics(self.val_labels, scores, 0.5)

@@ -3,7 +3,7 @@
 NumPy on the CPU, CuPy on the GPU (the device follows the data), NCHW layout
 and PyTorch-like names, so what you learn here transfers.
 """
-from . import gradcheck, init, losses, optim, serialization
+from . import fast, gradcheck, init, losses, optim, serialization
 from .backend import as_numpy, get_array_module, gpu_available, synchronize, to_device
 from .layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from .losses import SoftmaxCrossEntropy

@@ -444,3 +444,47 @@ def multiply(a, b):
 
     parallel_chunks(math.ceil(len(out) / chunk), work)
     return out
+
+
+def _split_first_axis(out, work_on):
+    """Call work_on(part) for slices of axis 0 of ``out``: one call for a small array,
+    batch chunks in the pool otherwise. Elementwise work only (no sums across the split)."""
+    if out.ndim == 0 or out.nbytes < SMALL_BYTES:
+        work_on(slice(None))
+        return
+    chunk = images_per_chunk(len(out), out[0].nbytes)
+    parallel_chunks(math.ceil(len(out) / chunk),
+                    lambda slot, index: work_on(slice(index * chunk, (index + 1) * chunk)))
+
+
+def scale_shift(x, scale, shift, in_place: bool):
+    """x * scale + shift per channel, for NumPy x (N, C, H, W) and (C,) scale and shift:
+    BatchNorm2d.forward's last two passes (out = x * scale; out += shift), laid out like x.
+    ``in_place``: write over x (when nothing else needs it)."""
+    out = x if in_place else np.empty_like(x)
+    scale, shift = scale[:, None, None], shift[:, None, None]
+
+    def work_on(part):
+        np.multiply(x[part], scale, out=out[part])
+        out[part] += shift
+
+    _split_first_axis(out, work_on)
+    return out
+
+
+def batchnorm_backward_elementwise(grad_output, x_centered, scale, k, c):
+    """BatchNorm2d.backward's elementwise passes, per (C,) constants (training mode; k = c = None
+    in eval mode): grad_x = grad_out * scale;  grad_x -= x_centered * k;  grad_x -= c."""
+    grad_x = np.empty_like(grad_output)
+    scale = scale[:, None, None]
+    if k is not None:
+        k, c = k[:, None, None], c[:, None, None]
+
+    def work_on(part):
+        np.multiply(grad_output[part], scale, out=grad_x[part])
+        if k is not None:
+            grad_x[part] -= x_centered[part] * k
+            grad_x[part] -= c
+
+    _split_first_axis(grad_x, work_on)
+    return grad_x

@@ -137,6 +137,23 @@ def test_relu_matches_readable(inplace):
     np.testing.assert_array_equal(fast_result[1], readable[1])
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_matches_readable(training):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4, 96, 96)).astype(np.float32)        # > fast.SMALL_BYTES: threaded
+    grad_out = rng.standard_normal(x.shape).astype(np.float32)
+
+    def make():
+        layer = mc.BatchNorm2d(4)
+        layer.weight.data = np.array([0.5, 1.5, -1.0, 2.0], np.float32)
+        layer.running_mean = np.array([0.1, -0.2, 0.3, 0.0], np.float32)
+        return layer.train(training)
+
+    readable, fast_result = both_ways(make, x, grad_out)
+    for a, b in zip(readable[:2] + tuple(readable[2]), fast_result[:2] + tuple(fast_result[2])):
+        np.testing.assert_array_equal(b, a)
+
+
 def small_cnn():
     rng = np.random.default_rng(3)
     return mc.Sequential(mc.Conv2d(2, 4, 3, padding=1, rng=rng), mc.ReLU(), mc.MaxPool2d(2),

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import init
 from ..backend import get_array_module
+from ..grad_mode import no_grad
 from ..layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
 from ..layers.residual import BasicBlock, make_downsample
 from ..module import Module, Sequential, forward_in_order
@@ -80,13 +81,13 @@ class ResNet(Module):
         """x (N, in_channels, H, W) -> (N, 512): everything up to and including the flatten.
 
         For a frozen backbone, compute these once (in eval mode) and train only
-        ``fc`` on them. ``keep_for_backward=False`` frees what each layer saved
-        for backward as soon as the features are computed.
+        ``fc`` on them. ``keep_for_backward=False`` runs under ``no_grad()``:
+        nothing is kept for backward.
         """
-        x = forward_in_order([getattr(self, name) for name in BACKBONE], x)   # relu + maxpool fused
         if not keep_for_backward:
-            self.release_saved()
-        return x
+            with no_grad():
+                return forward_in_order([getattr(self, name) for name in BACKBONE], x)
+        return forward_in_order([getattr(self, name) for name in BACKBONE], x)   # relu + maxpool fused
 
     def forward(self, x):
         """x (N, in_channels, H, W) -> logits (N, num_classes)."""
