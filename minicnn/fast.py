@@ -12,9 +12,9 @@ compute the same thing in a way that suits a CPU with a few cores:
   the GIL inside copies and ufunc loops, so im2col, col2im and the pooling passes,
   single-threaded in NumPy, use every core. During those sections BLAS is held to
   one thread (``threadpoolctl``), so threads x BLAS threads never exceed the cores.
-* **Reused buffers.** Each layer keeps its chunk buffers in ``layer.scratch``
-  (per thread slot and shape) from one step to the next: no fresh allocation, no
-  page faults. ``Module.release_saved()`` drops them.
+* **Reused buffers.** The chunk buffers (im2col columns, padded chunks, pooling
+  temporaries) are kept per thread from one layer and one step to the next: no
+  fresh allocation, no page faults. ``Module.release_saved()`` drops them.
 * **Nothing col-sized is kept for backward.** Conv2d saves its input x and
   backward redoes im2col chunk by chunk (cheap, cache-resident) instead of
   keeping the whole col matrix: the largest array of a conv net.
@@ -119,10 +119,9 @@ def _blas_threads() -> int | None:
 # -- the pool ------------------------------------------------------------------------------------
 
 def parallel_chunks(count: int, work, uses_blas: bool = False) -> None:
-    """Call ``work(slot, index)`` for every chunk index in range(count).
+    """Call ``work(index)`` for every chunk index in range(count), spread over the threads.
 
-    Thread ``slot`` (0 = the calling thread) takes indices slot, slot + T, ...;
-    ``slot`` names the thread's own scratch buffers. With ``uses_blas`` the work
+    Thread ``slot`` (0 = the calling thread) takes indices slot, slot + T, ... With ``uses_blas`` the work
     calls BLAS, which is held to one thread meanwhile (without threadpoolctl to do
     that, the chunks run one after the other in this thread instead, BLAS keeping its
     own threads). Errors in any thread are re-raised here.
@@ -134,14 +133,14 @@ def parallel_chunks(count: int, work, uses_blas: bool = False) -> None:
         threads = 1
     if threads <= 1:
         for index in range(count):
-            work(0, index)
+            work(index)
         return
 
     def run_slot(slot):
         _local.inside = True
         try:
             for index in range(slot, count, threads):
-                work(slot, index)
+                work(index)
         finally:
             _local.inside = False
 
@@ -178,55 +177,63 @@ def images_per_chunk(batch: int, bytes_per_image: int) -> int:
     return max(1, min(by_bytes, math.ceil(batch / 4)))
 
 
-def scratch(layer, slot: int, name: str, shape, dtype, fill=None) -> np.ndarray:
-    """A reusable buffer of ``shape`` from ``layer.scratch``, kept per (slot, name, dtype, item shape).
+# Reusable work buffers: per thread, one per (name, dtype), as large as the largest request so
+# far. Shared by all layers (they run one after the other), so a ResNet-18 holds a few chunk-sized
+# buffers per thread rather than a set per layer. Keyed by thread, so two models run from two
+# Python threads at once never share one.
+_buffers: dict = {}
 
-    The first axis (images) may vary between calls: the buffer holds the largest
-    seen and a smaller request is a view of its start. ``fill``: the value a new
-    buffer starts with (padding borders are written once and never touched again).
-    """
-    buffers = layer.__dict__.setdefault("scratch", {})
-    key = (slot, name, np.dtype(dtype).str, tuple(shape[1:]))
+
+def scratch(name: str, shape, dtype) -> np.ndarray:
+    """A reusable uninitialised buffer of ``shape`` for the calling thread (a view of its start)."""
+    buffers = _buffers.setdefault(threading.get_ident(), {})
+    key = (name, np.dtype(dtype).str)
     size = math.prod(shape)
     flat = buffers.get(key)
     if flat is None or flat.size < size:
-        flat = np.empty(size, dtype) if fill is None else np.full(size, fill, dtype)
-        buffers[key] = flat
+        buffers[key] = flat = np.empty(size, dtype)
     return flat[:size].reshape(shape)
 
 
-def _padded(layer, slot, name, x, padding, fill):
+def release_buffers() -> None:
+    """Free every thread's work buffers (Module.release_saved() calls this)."""
+    _buffers.clear()
+
+
+def _padded(name, x, padding, fill):
     """x (b, C, H, W) copied into the middle of a reusable (b, C, H + 2py, W + 2px) buffer
-    whose border holds ``fill``; x itself when there is no padding."""
+    with a border of ``fill``; x itself when there is no padding."""
     py, px = padding
     if py == 0 and px == 0:
         return x
     b, c, h, w = x.shape
-    buffer = scratch(layer, slot, name, (b, c, h + 2 * py, w + 2 * px), x.dtype, fill=fill)
+    buffer = scratch(name, (b, c, h + 2 * py, w + 2 * px), x.dtype)
+    buffer[:, :, :py], buffer[:, :, py + h:] = fill, fill
+    buffer[:, :, :, :px], buffer[:, :, :, px + w:] = fill, fill
     buffer[:, :, py:py + h, px:px + w] = x
     return buffer
 
 
 # -- convolution ---------------------------------------------------------------------------------
 
-def _im2col_chunk(layer, slot, x, out_hw):
-    """im2col.im2col for a chunk x (b, C, H, W) into the slot's buffer: (C*kh*kw, b*OH*OW)."""
+def _im2col_chunk(layer, x, out_hw):
+    """im2col.im2col for a chunk x (b, C, H, W) into a reusable buffer: (C*kh*kw, b*OH*OW)."""
     (kh, kw), (sy, sx), (oh, ow) = layer.kernel_size, layer.stride, out_hw
     b, c = x.shape[:2]
-    x_padded = _padded(layer, slot, "x_padded", x, layer.padding, 0)
-    col = scratch(layer, slot, "col", (c, kh, kw, b, oh, ow), x.dtype)
+    x_padded = _padded("x_padded", x, layer.padding, 0)
+    col = scratch("col", (c, kh, kw, b, oh, ow), x.dtype)
     for ky in range(kh):
         for kx in range(kw):
             col[:, ky, kx] = x_padded[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx].transpose(1, 0, 2, 3)
     return col.reshape(c * kh * kw, b * oh * ow)
 
 
-def _col2im_chunk(layer, slot, col, grad_x):
+def _col2im_chunk(layer, col, grad_x):
     """im2col.col2im for a chunk: col (C, kh, kw, b, OH, OW) added into grad_x (b, C, H, W)."""
     c, kh, kw, b, oh, ow = col.shape
     (sy, sx), (py, px) = layer.stride, layer.padding
     h, w = grad_x.shape[2:]
-    target = grad_x if py == 0 and px == 0 else scratch(layer, slot, "grad_padded", (b, c, h + 2 * py, w + 2 * px), col.dtype)
+    target = grad_x if py == 0 and px == 0 else scratch("grad_padded", (b, c, h + 2 * py, w + 2 * px), col.dtype)
     target.fill(0)
     for ky in range(kh):
         for kx in range(kw):
@@ -249,9 +256,9 @@ def conv2d_forward(layer, x, out_hw):
     out = np.empty((f, n, oh, ow), dtype=x.dtype)
     chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize)
 
-    def work(slot, index):
+    def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
-        col = _im2col_chunk(layer, slot, x[start:stop], out_hw)             # (K, b*OH*OW)
+        col = _im2col_chunk(layer, x[start:stop], out_hw)             # (K, b*OH*OW)
         rows = out[:, start:stop].reshape(f, -1)                             # a view: (F, b*OH*OW)
         np.matmul(weight, col, out=rows)
         if bias is not None:
@@ -282,14 +289,14 @@ def conv2d_backward(layer, x, grad_output):
     grad_x = np.empty(x.shape, dtype=x.dtype) if layer.needs_input_grad else None
     large = f * weight.shape[1] >= 2 ** 18                                   # see Conv2d.backward
 
-    def work(slot, index):
+    def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
-        col = _im2col_chunk(layer, slot, x[start:stop], (oh, ow))           # (K, b*OH*OW)
+        col = _im2col_chunk(layer, x[start:stop], (oh, ow))           # (K, b*OH*OW)
         grad = grad_by_filter[:, start:stop].reshape(f, -1)                  # a view: (F, b*OH*OW)
         grad_weights[index] = grad @ col.T if large else (col @ grad.T).T
         if grad_x is not None:
             np.matmul(weight.T, grad, out=col)                               # dL/dcol over col
-            _col2im_chunk(layer, slot, col.reshape(c, kh, kw, stop - start, oh, ow), grad_x[start:stop])
+            _col2im_chunk(layer, col.reshape(c, kh, kw, stop - start, oh, ow), grad_x[start:stop])
 
     parallel_chunks(count, work, uses_blas=True)
     layer.weight.accumulate_grad(_sum_in_order(grad_weights).reshape(layer.weight.data.shape))
@@ -306,7 +313,7 @@ def _filters_first(grad_output, chunk):
     out = np.empty(by_filter.shape, dtype=grad_output.dtype)
     n = grad_output.shape[0]
 
-    def work(slot, index):
+    def work(index):
         part = slice(index * chunk, (index + 1) * chunk)
         out[:, part] = by_filter[:, part]
 
@@ -337,9 +344,9 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
     argmax = np.empty(out.shape, dtype=argmax_dtype) if keep_argmax else None
     chunk = images_per_chunk(n, x[0].size * x.itemsize)
 
-    def work(slot, index):
+    def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
-        x_padded = _padded(layer, slot, "x_padded", x[start:stop], layer.padding, -np.inf)
+        x_padded = _padded("x_padded", x[start:stop], layer.padding, -np.inf)
         best = out[start:stop]
         views = [x_padded[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx] for ky in range(kh) for kx in range(kw)]
         best[...] = views[0]
@@ -350,9 +357,9 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
             winner = argmax[start:stop]
             winner.fill(0)
             shape = best.shape
-            window = scratch(layer, slot, "window", shape, x.dtype)
-            better = scratch(layer, slot, "better", shape, bool)
-            candidate = scratch(layer, slot, "candidate", shape, argmax_dtype)
+            window = scratch("window", shape, x.dtype)
+            better = scratch("better", shape, bool)
+            candidate = scratch("candidate", shape, argmax_dtype)
             for offset, view in enumerate(views[1:], start=1):
                 window[...] = view
                 np.greater(window, best, out=better)
@@ -380,16 +387,16 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
     covers_all = not overlapping and sy * oh == h + 2 * py and sx * ow == w + 2 * px
     chunk = images_per_chunk(n, c * h * w * grad_output.itemsize)
 
-    def work(slot, index):
+    def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
         b = stop - start
         target = (grad_x[start:stop] if py == 0 and px == 0
-                  else scratch(layer, slot, "grad_padded", (b, c, h + 2 * py, w + 2 * px), grad_output.dtype))
+                  else scratch("grad_padded", (b, c, h + 2 * py, w + 2 * px), grad_output.dtype))
         if not covers_all:
             target.fill(0)
         grad, winner = grad_output[start:stop], argmax[start:stop]
-        won = scratch(layer, slot, "won", winner.shape, bool)
-        share = scratch(layer, slot, "share", winner.shape, grad_output.dtype)
+        won = scratch("won", winner.shape, bool)
+        share = scratch("share", winner.shape, grad_output.dtype)
         for ky in range(kh):
             for kx in range(kw):
                 window = target[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx]
@@ -426,7 +433,7 @@ def relu_forward(x, *, inplace: bool, keep_mask: bool):
         part(...)
     else:
         chunk = images_per_chunk(len(x), x[0].nbytes)
-        parallel_chunks(math.ceil(len(x) / chunk), lambda slot, index: part(slice(index * chunk, (index + 1) * chunk)))
+        parallel_chunks(math.ceil(len(x) / chunk), lambda index: part(slice(index * chunk, (index + 1) * chunk)))
     return out, mask
 
 
@@ -438,7 +445,7 @@ def multiply(a, b):
         return out
     chunk = images_per_chunk(len(out), out[0].nbytes)
 
-    def work(slot, index):
+    def work(index):
         part = slice(index * chunk, (index + 1) * chunk)
         np.multiply(a[part], b[part], out=out[part])
 
@@ -454,7 +461,7 @@ def _split_first_axis(out, work_on):
         return
     chunk = images_per_chunk(len(out), out[0].nbytes)
     parallel_chunks(math.ceil(len(out) / chunk),
-                    lambda slot, index: work_on(slice(index * chunk, (index + 1) * chunk)))
+                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)))
 
 
 def scale_shift(x, scale, shift, in_place: bool):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from . import fast
 from .backend import as_numpy, get_array_module, to_device
 from .grad_mode import is_grad_enabled
 
@@ -98,11 +99,12 @@ class Module:
         """Drop what the last forward saved for backward, here and in every child.
 
         For forward passes that will have no backward (a frozen backbone, inference):
-        the activations are freed at once instead of at the next forward.
+        the activations are freed at once instead of at the next forward. Also frees
+        the work buffers the fast CPU paths reuse between steps (minicnn/fast.py).
         """
         for module in self.modules():
             module._saved = None
-            module.__dict__.pop("scratch", None)   # reusable work buffers of the fast paths (minicnn/fast.py)
+        fast.release_buffers()                      # and the fast paths' reusable work buffers
         return self
 
     # -- traversal ---------------------------------------------------------------
@@ -171,7 +173,6 @@ class Module:
             for name in getattr(module, "_buffer_names", []):
                 setattr(module, name, fn(getattr(module, name)))
             module._saved = None
-            module.__dict__.pop("scratch", None)
         return self
 
     def to(self, device: str):
