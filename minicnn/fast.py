@@ -45,6 +45,7 @@ import numpy as np
 # quarter of the batch so that 2-4 threads all get work). Chosen so a chunk and its GEMM
 # output stay in the L2/L3 caches of one core.
 CHUNK_BYTES = 2 ** 21
+MIN_COLUMNS = 1024
 
 _settings = {"enabled": os.environ.get("MINICNN_FAST", "1") != "0", "threads": None}
 _pool: dict = {"executor": None, "workers": 0}
@@ -170,11 +171,17 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _pool["executor"]
 
 
-def images_per_chunk(batch: int, bytes_per_image: int) -> int:
-    """Chunk size: ~CHUNK_BYTES per chunk, >= 1 image, <= a quarter of the batch. Depends
-    on the sizes only (never on the thread count), which keeps results thread-count free."""
+def images_per_chunk(batch: int, bytes_per_image: int, columns_per_image: int = 0) -> int:
+    """Chunk size: ~CHUNK_BYTES per chunk, >= 1 image, <= a quarter of the batch (work for
+    every thread) -- but a conv chunk has at least MIN_COLUMNS GEMM columns: deep layers with
+    small images (ResNet's 7x7 and 14x14 stages) then run as one GEMM, with BLAS's own threads,
+    rather than as many small pieces whose weight gradients must be added up. Depends on the
+    sizes only (never on the thread count), which keeps results thread-count free."""
     by_bytes = max(1, CHUNK_BYTES // max(1, bytes_per_image))
-    return max(1, min(by_bytes, math.ceil(batch / 4)))
+    chunk = min(by_bytes, math.ceil(batch / 4))
+    if columns_per_image:
+        chunk = max(chunk, math.ceil(MIN_COLUMNS / columns_per_image))
+    return max(1, min(chunk, batch))
 
 
 # Reusable work buffers: per thread, one per (name, dtype), as large as the largest request so
@@ -254,7 +261,7 @@ def conv2d_forward(layer, x, out_hw):
     weight = layer.weight.data.reshape(f, -1)                                # (F, K)
     bias = None if layer.bias is None else layer.bias.data[:, None]
     out = np.empty((f, n, oh, ow), dtype=x.dtype)
-    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize)
+    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize, oh * ow)
 
     def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
@@ -282,7 +289,7 @@ def conv2d_backward(layer, x, grad_output):
     f, (kh, kw) = layer.out_channels, layer.kernel_size
     oh, ow = grad_output.shape[2:]
     weight = layer.weight.data.reshape(f, -1)                                # (F, K)
-    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize)
+    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize, oh * ow)
     count = math.ceil(n / chunk)
     grad_by_filter = _filters_first(grad_output, chunk)                     # (F, N, OH, OW) contiguous
     grad_weights = [None] * count
@@ -322,7 +329,8 @@ def _filters_first(grad_output, chunk):
 
 
 def _sum_in_order(parts):
-    total = np.array(parts[0])                                               # a C-contiguous copy
+    """parts[0] + parts[1] + ... in this order, as a C-contiguous array."""
+    total = parts[0] if parts[0].flags.c_contiguous else np.ascontiguousarray(parts[0])
     for part in parts[1:]:
         total += part
     return total

@@ -15,6 +15,13 @@ import minicnn as mc
 from minicnn import fast
 
 
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of a quarter batch even for these tiny images (real layers get >= 1024 GEMM
+    columns per chunk), so that every test here runs several chunks in several threads."""
+    monkeypatch.setattr(fast, "MIN_COLUMNS", 1)
+
+
 @pytest.fixture
 def threads():
     """Set the pool size for one test and restore the default afterwards."""
