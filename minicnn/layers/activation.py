@@ -7,7 +7,6 @@ from ..grad_mode import is_grad_enabled
 from ..module import Module
 
 
-
 class ReLU(Module):
     """out = max(x, 0), elementwise. Shapes: any -> same.
 

@@ -52,17 +52,16 @@ class BatchNorm2d(Module):
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
             x_centered = x - mean[:, None, None]
         inv_std = 1.0 / xp.sqrt(var + self.eps)                       # (C,)
-        if fast.use_fast_path(x):                                     # the same two passes, in batch chunks
-            out = fast.scale_shift(x_centered, self.weight.data * inv_std, self.bias.data,
-                                   in_place=not is_grad_enabled())   # no_grad: x_centered is not kept
-            self.save_for_backward(x_centered, inv_std, self.training)
-            return out
         # y = x_hat * gamma + beta with x_hat = x_centered * inv_std, folded into one scale
         # per channel. With var from x_centered (channel_dot, not x.var, which re-computes
         # the mean and squares into a temporary), the train forward reads the data 5 times
         # instead of 9. Backward works from x_centered and inv_std: x_hat is never stored.
-        out = x_centered * (self.weight.data * inv_std)[:, None, None]
-        out += self.bias.data[:, None, None]
+        if fast.use_fast_path(x):                                     # the same two passes, in batch chunks
+            out = fast.scale_shift(x_centered, self.weight.data * inv_std, self.bias.data,
+                                   in_place=not is_grad_enabled())   # no_grad: x_centered is not kept
+        else:
+            out = x_centered * (self.weight.data * inv_std)[:, None, None]
+            out += self.bias.data[:, None, None]
         self.save_for_backward(x_centered, inv_std, self.training)
         return out
 
