@@ -1,7 +1,7 @@
 """Max pooling."""
 from __future__ import annotations
 
-from .. import fast
+from .. import cuda_kernels, fast
 from ..backend import get_array_module
 from ..grad_mode import is_grad_enabled
 from ..im2col import output_size, pad2d, pair
@@ -70,6 +70,11 @@ class MaxPool2d(Module):
                                                no_winner=no_winner)
             self.save_for_backward(argmax, x.shape, out_hw)
             return out
+        if cuda_kernels.enabled(x):                                   # CuPy: the same in one launch
+            out, argmax = cuda_kernels.maxpool_forward(x, self.kernel_size, self.stride, self.padding, out_hw,
+                                                       relu, no_winner)
+            self.save_for_backward(argmax, x.shape, out_hw)
+            return out
         x_padded = pad2d(x, self.padding, value=-xp.inf)
 
         windows = self._windows(x_padded, out_hw)
@@ -107,6 +112,9 @@ class MaxPool2d(Module):
         argmax, x_shape, out_hw = self.saved_for_backward()
         if fast.use_fast_path(grad_output, argmax):
             return fast.maxpool_backward(self, argmax, x_shape, grad_output)
+        if cuda_kernels.enabled(grad_output, argmax):
+            return cuda_kernels.maxpool_backward(grad_output, argmax, x_shape, self.kernel_size, self.stride,
+                                                 self.padding)
         xp = get_array_module(grad_output)
         (py, px), (n, c, h, w) = self.padding, x_shape
         grad_padded = xp.zeros((n, c, h + 2 * py, w + 2 * px), dtype=grad_output.dtype)
