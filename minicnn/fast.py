@@ -163,11 +163,13 @@ def _run(executor, run_slot, threads):
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    if _pool["workers"] < workers:
-        if _pool["executor"] is not None:
+    """The pool, grown to ``workers`` threads if needed (and made afresh in a forked child,
+    which inherits the pool object but not its threads)."""
+    if _pool["workers"] < workers or _pool.get("pid") != os.getpid():
+        if _pool["executor"] is not None and _pool.get("pid") == os.getpid():
             _pool["executor"].shutdown(wait=True)
-        _pool["executor"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minicnn")
-        _pool["workers"] = workers
+        _pool.update(executor=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minicnn"),
+                     workers=workers, pid=os.getpid())
     return _pool["executor"]
 
 

@@ -228,3 +228,20 @@ def test_only_host_numpy_takes_the_fast_path():
     with fast.disabled():
         assert not fast.use_fast_path(np.zeros(3))
     assert fast.use_fast_path(np.zeros(3))
+
+
+def test_a_forked_child_gets_its_own_pool(threads):
+    """A child forked after the pool started has none of its threads: it must make new ones."""
+    import multiprocessing
+    threads(2)
+    fast.parallel_chunks(4, lambda index: None)             # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply_async(_sum_in_chunks_in_a_child).get(timeout=60) == sum(range(8))
+
+
+def _sum_in_chunks_in_a_child():
+    fast.set_num_threads(2)
+    parts = [0] * 8
+    fast.parallel_chunks(8, lambda index: parts.__setitem__(index, index))
+    return sum(parts)
