@@ -29,13 +29,12 @@ from __future__ import annotations
 import functools
 import os
 
+from .backend import is_gpu_array
+
 
 def enabled(*arrays) -> bool:
-    """True when MINICNN_CUDA_KERNELS=1 and every array is a CuPy array."""
-    if os.environ.get("MINICNN_CUDA_KERNELS", "0") != "1":
-        return False
-    from .backend import is_gpu_array
-    return all(is_gpu_array(a) for a in arrays)
+    """True when every array is a CuPy array and MINICNN_CUDA_KERNELS=1."""
+    return all(is_gpu_array(a) for a in arrays) and os.environ.get("MINICNN_CUDA_KERNELS", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,6 +19,14 @@ def test_kernels_are_off_unless_asked_for(monkeypatch):
     assert not cuda_kernels.enabled(np.zeros(3))        # host arrays never take them
 
 
+def test_kernels_are_used_on_the_gpu_when_asked_for(gpu, monkeypatch):
+    x = gpu.zeros(3)
+    monkeypatch.delenv("MINICNN_CUDA_KERNELS", raising=False)
+    assert not cuda_kernels.enabled(x)
+    monkeypatch.setenv("MINICNN_CUDA_KERNELS", "1")
+    assert cuda_kernels.enabled(x)
+
+
 @pytest.fixture
 def kernels_on(monkeypatch):
     monkeypatch.setenv("MINICNN_CUDA_KERNELS", "1")
