@@ -245,3 +245,23 @@ def _sum_in_chunks_in_a_child():
     parts = [0] * 8
     fast.parallel_chunks(8, lambda index: parts.__setitem__(index, index))
     return sum(parts)
+
+
+def test_strided_inputs_and_a_kernel_with_more_than_255_offsets():
+    """A non-contiguous input (every other image, a transposed layout) and a 16x16 max-pool
+    (256 offsets: int32 winners) give the readable results too."""
+    rng = np.random.default_rng(0)
+    x = tie_free((10, 2, 33, 32), rng)[::2]                          # a strided view
+    pool_x = tie_free((2, 5, 32, 32), rng).transpose(1, 0, 2, 3)    # (5, 2, 32, 32), channel-first memory
+
+    def conv():
+        return mc.Conv2d(2, 3, 3, padding=1, rng=np.random.default_rng(1))
+
+    grad = rng.standard_normal((5, 3, 33, 32)).astype(np.float32)
+    (out_r, gx_r, _), (out_f, gx_f, _) = both_ways(conv, x, grad)
+    np.testing.assert_array_equal(out_f, out_r)
+    np.testing.assert_array_equal(gx_f, gx_r)
+    grad = rng.standard_normal((5, 2, 2, 2)).astype(np.float32)
+    fused_r, fused_f = both_ways(lambda: mc.Sequential(mc.ReLU(), mc.MaxPool2d(16)), pool_x, grad)
+    np.testing.assert_array_equal(fused_f[0], fused_r[0])
+    np.testing.assert_array_equal(fused_f[1], fused_r[1])
