@@ -122,10 +122,11 @@ def _blas_threads() -> int | None:
 def parallel_chunks(count: int, work, uses_blas: bool = False) -> None:
     """Call ``work(index)`` for every chunk index in range(count), spread over the threads.
 
-    Thread ``slot`` (0 = the calling thread) takes indices slot, slot + T, ... With ``uses_blas`` the work
-    calls BLAS, which is held to one thread meanwhile (without threadpoolctl to do
-    that, the chunks run one after the other in this thread instead, BLAS keeping its
-    own threads). Errors in any thread are re-raised here.
+    Thread ``slot`` (0 = the calling thread) takes indices slot, slot + T, ...
+    With ``uses_blas`` the work calls BLAS, which is held to one thread meanwhile
+    (without threadpoolctl to do that, the chunks run one after the other in this
+    thread instead, BLAS keeping its own threads). Errors in any thread are
+    re-raised here. A call from inside a chunk runs its chunks in that thread.
     """
     threads = min(num_threads(), count)
     if getattr(_local, "inside", False):     # a nested call from a pool thread: no new tasks
