@@ -8,8 +8,8 @@
         --repeats 20 --threads 1 --json results.json
 
 A training step is ``zero_grad, forward, loss, backward, SGD(momentum=0.9) step``
-in train mode (dropout on); inference is one eval-mode forward (torch under
-``no_grad``). Every backend gets the same network with the same weights (built
+in train mode (dropout on); inference is one eval-mode forward under ``no_grad``
+(``minicnn.no_grad()`` / ``torch.no_grad()``). Every backend gets the same network with the same weights (built
 by minicnn from seed 0; torch loads its state_dict) and the same batch.
 
 Each (model, batch, backend) runs in a fresh Python process, so that peak memory
@@ -95,9 +95,9 @@ def make_batch(batch: int, shape, classes: int):
 # -- one case, in the child process ------------------------------------------------------------
 
 def clear_saved(model) -> None:
-    """Drop activations a minicnn model still holds from its last forward (the model at rest)."""
-    for module in model.modules():
-        module._saved = None
+    """Drop activations a minicnn model still holds from its last forward, and its layers' reusable
+    work buffers (the model at rest: so the memory step counts the buffers as extra memory)."""
+    model.release_saved()
 
 
 def run_case(spec: dict) -> dict:
@@ -141,7 +141,8 @@ def run_case(spec: dict) -> dict:
             return loss
 
         def infer():
-            return model(x)
+            with mc.no_grad():         # as torch's: nothing kept for a backward
+                return model(x)
 
         def at_rest():
             optimizer.zero_grad()
@@ -149,7 +150,8 @@ def run_case(spec: dict) -> dict:
 
         def last_loss(loss):
             return float(mc.as_numpy(loss))
-        result["threads"] = result["numpy_blas"] if backend == "minicnn-numpy" else "CuPy"
+        result["threads"] = (f"{result['numpy_blas']}; minicnn pool {mc.fast.num_threads()}"
+                             if backend == "minicnn-numpy" else "CuPy")
     else:
         device = "cuda" if backend == "torch-cuda" else "cpu"
         net = common.torch_layer_from(model)

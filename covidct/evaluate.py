@@ -31,10 +31,11 @@ def predict_logits(model: mc.Module, images: np.ndarray, mean: float, std: float
     was_training = model.training
     model.eval()
     logits = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start:start + batch_size], mean, std)
-        logits.append(mc.as_numpy(model(mc.to_device(batch, device))))
-    model.release_saved()                  # no backward follows: free the activations now
+    with mc.no_grad():                     # no backward follows: nothing is kept, activations freed at once
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start:start + batch_size], mean, std)
+            logits.append(mc.as_numpy(model(mc.to_device(batch, device))))
+    model.release_saved()                  # and the layers' reusable work buffers
     model.train(was_training)
     return np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
 

@@ -57,9 +57,8 @@ class FrozenBackbone(WholeModel):
         """(B, C, H, W) normalised images -> (B, F) backbone features (BatchNorm uses running statistics)."""
         backbone = self.trainer.backbone
         backbone.eval()
-        features = backbone(x)
-        backbone.release_saved()
-        return features
+        with mc.no_grad():                                     # nothing kept for a backward
+            return backbone(x)
 
 
 class CachedFeatures(FrozenBackbone):
@@ -97,9 +96,8 @@ class CachedFeatures(FrozenBackbone):
     def val_scores(self) -> np.ndarray:
         head = self.trainer.head
         head.eval()
-        scores = softmax(mc.as_numpy(head(self.val_features)).astype(np.float64))[:, 1]
-        head.release_saved()
-        return scores
+        with mc.no_grad():
+            return softmax(mc.as_numpy(head(self.val_features)).astype(np.float64))[:, 1]
 
 
 def strategy_for(trainer, epoch: int, current=None):

@@ -127,11 +127,13 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
     with _Quiet(model):
         for start in range(0, n, batch_size):
             batch = x[start:start + batch_size]
-            out = batch
-            for i, layer in enumerate(layers):
+            with mc.no_grad():                  # up to A: forward only, nothing kept
+                activation = batch
+                for layer in layers[:index + 1]:
+                    activation = layer(activation)
+            out = activation
+            for layer in layers[index + 1:]:    # after A: kept for the backward to A
                 out = layer(out)
-                if i == index:
-                    activation = out
             logits = out
             if logits.ndim != 2:
                 raise CovidCTError(f"Grad-CAM: the model's output has shape {tuple(logits.shape)}, expected (N, classes)")
@@ -168,7 +170,7 @@ def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
     """
     x = _check_input(x)
     maps = []
-    with _Quiet(model):
+    with _Quiet(model), mc.no_grad():
         out = x
         for i, layer in enumerate(_layers(model)):
             if isinstance(layer, mc.Flatten):

@@ -13,6 +13,7 @@ convolution GEMM  out(F, N*OH*OW) = W(F, C*kh*kw) @ col.
 """
 from __future__ import annotations
 
+from . import cuda_kernels
 from .backend import get_array_module
 
 
@@ -47,6 +48,8 @@ def pad2d(x, padding, value=0.0):
 
 def im2col(x, kernel, stride, padding, out_hw):
     """x: (N, C, H, W) -> col: (C, kh, kw, N, OH, OW), same dtype and device as x."""
+    if cuda_kernels.enabled(x):                     # CuPy: the same in one kernel launch
+        return cuda_kernels.im2col(x, kernel, stride, padding, out_hw)
     xp = get_array_module(x)
     (kh, kw), (sy, sx), (oh, ow) = kernel, stride, out_hw
     x_padded = pad2d(x, padding)
@@ -65,6 +68,8 @@ def col2im(col, in_shape, stride, padding):
     The adjoint of im2col: every col entry is added back onto the input pixel
     it was copied from. Padding rows/columns are cut off at the end.
     """
+    if cuda_kernels.enabled(col):                   # CuPy: the same in one kernel launch
+        return cuda_kernels.col2im(col, in_shape, stride, padding)
     xp = get_array_module(col)
     c, kh, kw, n, oh, ow = col.shape
     (sy, sx), (py, px) = stride, padding

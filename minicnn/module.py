@@ -15,12 +15,19 @@ The contract, the same as PyTorch's:
 
 * Each forward's saved state is used by exactly one backward and then freed;
   calling ``backward`` without a fresh ``forward`` raises a RuntimeError.
+* Under ``with minicnn.no_grad():`` (grad_mode.py) a forward saves nothing, and a
+  ``backward`` after it raises a RuntimeError.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from . import fast
 from .backend import as_numpy, get_array_module, to_device
+from .grad_mode import is_grad_enabled
+
+# What a forward run under minicnn.no_grad() leaves in place of saved state.
+NOTHING_SAVED_UNDER_NO_GRAD = ("no_grad",)
 
 
 class Parameter:
@@ -59,6 +66,8 @@ class Module:
     training = True
 
     def __call__(self, *args, **kwargs):
+        if not is_grad_enabled():
+            self._saved = NOTHING_SAVED_UNDER_NO_GRAD   # also for layers that skip save_for_backward there
         return self.forward(*args, **kwargs)
 
     def forward(self, x):
@@ -69,7 +78,8 @@ class Module:
 
     # -- saved state for backward ------------------------------------------------
     def save_for_backward(self, *values) -> None:
-        self._saved = values
+        """Keep ``values`` for the next backward (under ``minicnn.no_grad()``: keep nothing)."""
+        self._saved = values if is_grad_enabled() else NOTHING_SAVED_UNDER_NO_GRAD
 
     def saved_for_backward(self):
         """The values saved by the last forward; they are released here."""
@@ -79,16 +89,22 @@ class Module:
                 f"{type(self).__name__}.backward() called before forward() "
                 "(or twice for one forward): run forward first")
         self._saved = None
+        if saved is NOTHING_SAVED_UNDER_NO_GRAD:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward() called after a forward run under minicnn.no_grad(), "
+                "which keeps nothing for backward: run the forward again outside no_grad()")
         return saved
 
     def release_saved(self) -> "Module":
         """Drop what the last forward saved for backward, here and in every child.
 
         For forward passes that will have no backward (a frozen backbone, inference):
-        the activations are freed at once instead of at the next forward.
+        the activations are freed at once instead of at the next forward. Also frees
+        the work buffers the fast CPU paths reuse between steps (minicnn/fast.py).
         """
         for module in self.modules():
             module._saved = None
+        fast.release_buffers()                      # and the fast paths' reusable work buffers
         return self
 
     # -- traversal ---------------------------------------------------------------
@@ -237,11 +253,28 @@ class Sequential(Module):
         return self.children()[index]
 
     def forward(self, x):
-        for layer in self:
-            x = layer(x)
-        return x
+        return forward_in_order(self.children(), x)
 
     def backward(self, grad_output):
         for layer in reversed(self.children()):
             grad_output = layer.backward(grad_output)
         return grad_output
+
+
+def forward_in_order(layers, x):
+    """x through each layer in turn, with one fusion: a ReLU directly followed by a
+    MaxPool2d runs as ``pool.forward_after_relu(x)``, i.e. relu(maxpool(x)), the same
+    numbers as maxpool(relu(x)) with the ReLU on the pooled (4x smaller) output and
+    no ReLU mask kept; the ReLU's backward then passes gradients straight through."""
+    index = 0
+    while index < len(layers):
+        layer = layers[index]
+        following = layers[index + 1] if index + 1 < len(layers) else None
+        if hasattr(layer, "fused_into_maxpool") and hasattr(following, "forward_after_relu"):
+            layer.fused_into_maxpool()
+            x = following.forward_after_relu(x)
+            index += 2
+        else:
+            x = layer(x)
+            index += 1
+    return x

@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from . import cuda_kernels
 from .backend import as_numpy, get_array_module
 
 
@@ -127,6 +128,11 @@ class SGD(Optimizer):
     def update(self, index, param):
         momentum, weight_decay = self.hyper["momentum"], self.hyper["weight_decay"]
         grad = param.grad
+        if momentum and cuda_kernels.enabled(param.data, grad):          # CuPy: the same in one launch
+            first_step = "momentum_buffer" not in self.state[index]
+            cuda_kernels.sgd_update(param.data, grad, self.buffer(index, "momentum_buffer"), self.param_lr(index),
+                                    momentum, weight_decay, self.hyper["nesterov"], first_step)
+            return
         if weight_decay:
             grad = grad + weight_decay * param.data
         if momentum:
@@ -155,6 +161,12 @@ class Adam(Optimizer):
     def update(self, index, param):
         (beta1, beta2), eps, weight_decay = self.hyper["betas"], self.hyper["eps"], self.hyper["weight_decay"]
         grad, lr = param.grad, self.param_lr(index)
+        if cuda_kernels.enabled(param.data, grad):                        # CuPy: the same in one launch
+            state = self.state[index]
+            state["step"] = t = state.get("step", 0) + 1
+            cuda_kernels.adam_update(param.data, grad, self.buffer(index, "exp_avg"), self.buffer(index, "exp_avg_sq"),
+                                     lr, beta1, beta2, eps, weight_decay, self.decoupled_weight_decay, t)
+            return
         if weight_decay and self.decoupled_weight_decay:
             param.data *= 1.0 - lr * weight_decay
         elif weight_decay:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import fast
 from ..backend import check_same_device, get_array_module
+from ..grad_mode import is_grad_enabled
 from ..module import Module, Parameter
 
 
@@ -54,8 +56,12 @@ class BatchNorm2d(Module):
         # per channel. With var from x_centered (channel_dot, not x.var, which re-computes
         # the mean and squares into a temporary), the train forward reads the data 5 times
         # instead of 9. Backward works from x_centered and inv_std: x_hat is never stored.
-        out = x_centered * (self.weight.data * inv_std)[:, None, None]
-        out += self.bias.data[:, None, None]
+        if fast.use_fast_path(x):                                     # the same two passes, in batch chunks
+            out = fast.scale_shift(x_centered, self.weight.data * inv_std, self.bias.data,
+                                   in_place=not is_grad_enabled())   # no_grad: x_centered is not kept
+        else:
+            out = x_centered * (self.weight.data * inv_std)[:, None, None]
+            out += self.bias.data[:, None, None]
         self.save_for_backward(x_centered, inv_std, self.training)
         return out
 
@@ -74,10 +80,13 @@ class BatchNorm2d(Module):
         self.weight.accumulate_grad(grad_weight)
         self.bias.accumulate_grad(grad_bias)
         scale = self.weight.data * inv_std                                # (C,)
+        count = grad_output.size // self.num_features
+        if fast.use_fast_path(grad_output, x_centered):                  # the same passes, in batch chunks
+            k, c = (scale * inv_std * grad_weight / count, scale * grad_bias / count) if training else (None, None)
+            return fast.batchnorm_backward_elementwise(grad_output, x_centered, scale, k, c)
         grad_x = grad_output * scale[:, None, None]
         if not training:
             return grad_x
-        count = grad_output.size // self.num_features
         grad_x -= x_centered * (scale * inv_std * grad_weight / count)[:, None, None]
         grad_x -= (scale * grad_bias / count)[:, None, None]
         return grad_x

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import fast
 from ..backend import check_same_device, get_array_module
 from ..im2col import col2im, im2col, output_size, pair
 from ..init import default_weight_and_bias
@@ -49,13 +50,18 @@ class Conv2d(Module):
         n, _, h, w = x.shape
         out_h, out_w = output_size("Conv2d", (h, w), self.kernel_size, self.stride, self.padding)
         f = self.out_channels
+        if fast.use_fast_path(x, self.weight.data):
+            # The same computation batch chunk by batch chunk, in threads (minicnn/fast.py);
+            # it keeps x instead of col, and backward redoes im2col chunk by chunk.
+            self.save_for_backward(None, x.shape, x)
+            return fast.conv2d_forward(self, x, (out_h, out_w))
 
         col = im2col(x, self.kernel_size, self.stride, self.padding, (out_h, out_w))  # (C, kh, kw, N, OH, OW)
         col_matrix = col.reshape(-1, n * out_h * out_w)                              # (K, N*OH*OW), K = C*kh*kw
         out = self.weight.data.reshape(f, -1) @ col_matrix                           # (F, N*OH*OW)
         if self.bias is not None:
             out += self.bias.data[:, None]
-        self.save_for_backward(col_matrix, x.shape)
+        self.save_for_backward(col_matrix, x.shape, None)
         return out.reshape(f, n, out_h, out_w).transpose(1, 0, 2, 3)                # (N, F, OH, OW)
 
     # Backward. With G = grad_out as (F, N*OH*OW) and out = W @ col + b:
@@ -65,7 +71,9 @@ class Conv2d(Module):
     #   dL/dx   = col2im(dL/dcol): each column entry goes back to the pixel it was
     #             copied from, and overlapping windows add up.
     def backward(self, grad_output):
-        col_matrix, x_shape = self.saved_for_backward()
+        col_matrix, x_shape, x = self.saved_for_backward()
+        if col_matrix is None:                                                       # the fast path's forward
+            return fast.conv2d_backward(self, x, grad_output)
         xp = get_array_module(grad_output)
         f = self.out_channels
         grad_matrix = grad_output.transpose(1, 0, 2, 3).reshape(f, -1)               # (F, N*OH*OW)

@@ -1,7 +1,9 @@
 """Max pooling."""
 from __future__ import annotations
 
+from .. import cuda_kernels, fast
 from ..backend import get_array_module
+from ..grad_mode import is_grad_enabled
 from ..im2col import output_size, pad2d, pair
 from ..module import Module
 
@@ -15,6 +17,11 @@ class MaxPool2d(Module):
     The max is taken over the kh*kw strided slices of the input, one slice per
     kernel offset, remembering which offset won. Ties go to the first offset in
     row-major order, as in PyTorch.
+
+    ``forward_after_relu(x)`` computes maxpool(relu(x)) as relu(maxpool(x)): the
+    same numbers (max is monotone, so the largest of relu(x_i) is relu of the
+    largest x_i), with the ReLU on the 4x smaller output. Sequential uses it for a
+    ReLU directly followed by a MaxPool2d.
     """
 
     def __init__(self, kernel_size, stride=None, padding=0):
@@ -38,17 +45,47 @@ class MaxPool2d(Module):
                 yield ky * kw + kx, array[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx]
 
     def forward(self, x):
+        return self._forward(x, relu=False)
+
+    def forward_after_relu(self, x):
+        """maxpool(relu(x)) without computing relu(x): relu(maxpool(x)), the same numbers.
+
+        Backward: an output <= 0 came from a window whose inputs are all <= 0, where
+        ReLU's gradient is 0; such outputs get the offset "no winner" in argmax, so no
+        gradient flows back through them. The others pass theirs to the winning input,
+        which is > 0 and so has ReLU gradient 1: exactly ReLU's and max-pool's backward
+        applied one after the other.
+        """
+        return self._forward(x, relu=True)
+
+    def _forward(self, x, relu: bool):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"MaxPool2d: expected input of shape (N, C, H, W), got shape {getattr(x, 'shape', type(x))}")
         xp = get_array_module(x)
         out_hw = output_size("MaxPool2d", x.shape[2:], self.kernel_size, self.stride, self.padding)
+        kh, kw = self.kernel_size
+        no_winner = kh * kw                                           # not an offset: "no gradient here"
+        if fast.use_fast_path(x):                                     # the same, in batch chunks (minicnn/fast.py)
+            out, argmax = fast.maxpool_forward(self, x, out_hw, keep_argmax=is_grad_enabled(), relu=relu,
+                                               no_winner=no_winner)
+            self.save_for_backward(argmax, x.shape, out_hw)
+            return out
+        if cuda_kernels.enabled(x):                                   # CuPy: the same in one launch
+            out, argmax = cuda_kernels.maxpool_forward(x, self.kernel_size, self.stride, self.padding, out_hw,
+                                                       relu, no_winner)
+            self.save_for_backward(argmax, x.shape, out_hw)
+            return out
         x_padded = pad2d(x, self.padding, value=-xp.inf)
 
         windows = self._windows(x_padded, out_hw)
         _, first = next(windows)
         out = first.copy()                                            # (N, C, OH, OW) running max
-        argmax = xp.zeros(out.shape, dtype=xp.uint8 if self.kernel_size[0] * self.kernel_size[1] <= 256
-                          else xp.int32)                              # winning offset per output
+        if not is_grad_enabled():                                     # inference: the max alone, no argmax
+            for _, view in windows:
+                xp.maximum(out, view, out=out)
+            self.save_for_backward()                                  # records "forward ran under no_grad"
+            return xp.maximum(out, 0, out=out) if relu else out
+        argmax = xp.zeros(out.shape, dtype=xp.uint8 if kh * kw < 256 else xp.int32)  # winning offset per output
         better = xp.empty(out.shape, dtype=bool)
         # A window view has rows of only OW values at a stride, and NumPy's loops over
         # such views cost ~10x those over contiguous memory. So each window is copied
@@ -62,6 +99,9 @@ class MaxPool2d(Module):
             # copy, copyto(where=better), is ~20x slower on a random mask.)
             xp.maximum(argmax, better * argmax.dtype.type(offset), out=argmax)
             xp.maximum(out, window, out=out)
+        if relu:                                                      # no_winner > every offset: again a max
+            xp.maximum(argmax, (out <= 0) * argmax.dtype.type(no_winner), out=argmax)
+            xp.maximum(out, 0, out=out)
         self.save_for_backward(argmax, x.shape, out_hw)
         return out
 
@@ -70,6 +110,11 @@ class MaxPool2d(Module):
     # Overlapping windows add up (+=, never =).
     def backward(self, grad_output):
         argmax, x_shape, out_hw = self.saved_for_backward()
+        if fast.use_fast_path(grad_output, argmax):
+            return fast.maxpool_backward(self, argmax, x_shape, grad_output)
+        if cuda_kernels.enabled(grad_output, argmax):
+            return cuda_kernels.maxpool_backward(grad_output, argmax, x_shape, self.kernel_size, self.stride,
+                                                 self.padding)
         xp = get_array_module(grad_output)
         (py, px), (n, c, h, w) = self.padding, x_shape
         grad_padded = xp.zeros((n, c, h + 2 * py, w + 2 * px), dtype=grad_output.dtype)

@@ -22,9 +22,10 @@ import numpy as np
 
 from .. import init
 from ..backend import get_array_module
+from ..grad_mode import no_grad
 from ..layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
 from ..layers.residual import BasicBlock, make_downsample
-from ..module import Module, Sequential
+from ..module import Module, Sequential, forward_in_order
 
 # torchvision's ImageNet normalisation, per RGB channel, for images scaled to [0, 1]:
 #   x_normalised = (x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
@@ -83,14 +84,13 @@ class ResNet(Module):
         """x (N, in_channels, H, W) -> (N, 512): everything up to and including the flatten.
 
         For a frozen backbone, compute these once (in eval mode) and train only
-        ``fc`` on them. ``keep_for_backward=False`` frees what each layer saved
-        for backward as soon as the features are computed.
+        ``fc`` on them. ``keep_for_backward=False`` runs under ``no_grad()``:
+        nothing is kept for backward.
         """
-        for name in BACKBONE:
-            x = getattr(self, name)(x)
         if not keep_for_backward:
-            self.release_saved()
-        return x
+            with no_grad():
+                return forward_in_order([getattr(self, name) for name in BACKBONE], x)
+        return forward_in_order([getattr(self, name) for name in BACKBONE], x)   # relu + maxpool fused
 
     def forward(self, x):
         """x (N, in_channels, H, W) -> logits (N, num_classes)."""

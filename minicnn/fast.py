@@ -1,0 +1,508 @@
+"""Fast CPU paths: the layers' own algorithms, run over batch chunks in a small thread pool.
+
+The layer files hold the readable version of each computation (one xp path that
+also runs on CuPy). For NumPy arrays they call the functions here instead, which
+compute the same thing in a way that suits a CPU with a few cores:
+
+* **Batch chunks.** The batch is cut into chunks of a few images. Each chunk's
+  im2col buffer, pooling temporaries and gradient pieces are a few MiB, so they
+  stay in the CPU caches between being written and being read (the whole-batch
+  im2col of a 224x224 LeNet conv is 440 MB, which goes out to DRAM and back).
+* **Threads.** The chunks are spread over a small pool of threads. NumPy releases
+  the GIL inside copies and ufunc loops, so im2col, col2im and the pooling passes,
+  single-threaded in NumPy, use every core. During those sections BLAS is held to
+  one thread (``threadpoolctl``), so threads x BLAS threads never exceed the cores.
+* **Reused buffers.** The chunk buffers (im2col columns, padded chunks, pooling
+  temporaries) are kept per thread from one layer and one step to the next: no
+  fresh allocation, no page faults. ``Module.release_saved()`` drops them.
+* **Nothing col-sized is kept for backward.** Conv2d saves its input x and
+  backward redoes im2col chunk by chunk (cheap, cache-resident) instead of
+  keeping the whole col matrix: the largest array of a conv net.
+
+Determinism. Every chunk is computed by one thread, chunk boundaries depend on the
+batch and layer sizes only (never on the thread count), and per-chunk results that
+must be summed (the conv weight and bias gradients) are added in chunk order. So
+any thread count gives bit-identical results. Against the readable version: the
+forward outputs, max-pool, col2im and all input gradients are the same numbers
+(the same operations on each element, in the same order); the conv weight and bias
+gradients are sums over the batch taken chunk by chunk, which rounds differently
+in the last bits (relative 1e-7 in float32), as any change of summation order does.
+
+Threads: ``MINICNN_NUM_THREADS`` if set, otherwise the number of threads NumPy's
+BLAS uses (threadpoolctl), otherwise the usable CPU count. ``MINICNN_FAST=0``
+(or ``with fast.disabled():``) runs the readable versions everywhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# A chunk's im2col buffer holds about this many bytes (at least one image, and at most a
+# quarter of the batch so that 2-4 threads all get work). Chosen so a chunk and its GEMM
+# output stay in the L2/L3 caches of one core.
+CHUNK_BYTES = 2 ** 21
+MIN_COLUMNS = 1024
+
+_settings = {"enabled": os.environ.get("MINICNN_FAST", "1") != "0", "threads": None}
+_pool: dict = {"executor": None, "workers": 0}
+_local = threading.local()
+
+
+# -- switches ----------------------------------------------------------------------------------
+
+def use_fast_path(*arrays) -> bool:
+    """True when the fast paths are on and every array is a plain host NumPy array."""
+    return _settings["enabled"] and all(type(a) is np.ndarray for a in arrays)
+
+
+class disabled:
+    """``with fast.disabled():`` runs the readable layer code (tests compare the two)."""
+
+    def __enter__(self):
+        self._previous = _settings["enabled"]
+        _settings["enabled"] = False
+
+    def __exit__(self, *exc):
+        _settings["enabled"] = self._previous
+        return False
+
+
+def set_num_threads(threads: int | None) -> None:
+    """Use ``threads`` threads from now on (None: back to MINICNN_NUM_THREADS / BLAS's count)."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"set_num_threads: expected a positive int or None, got {threads!r}")
+    _settings["threads"] = threads
+
+
+def num_threads() -> int:
+    """The pool's thread count: set_num_threads(), MINICNN_NUM_THREADS, BLAS's threads, or the CPUs."""
+    if _settings["threads"] is not None:
+        return _settings["threads"]
+    value = os.environ.get("MINICNN_NUM_THREADS")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"MINICNN_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    blas = _blas_threads()
+    if blas:
+        return blas
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_blas = {}
+
+
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS (None without threadpoolctl)."""
+    if "controller" not in _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas["controller"] = ThreadpoolController().select(user_api="blas")
+        except Exception:  # threadpoolctl is optional
+            _blas["controller"] = None
+    return _blas["controller"]
+
+
+def _blas_threads() -> int | None:
+    controller = _blas_controller()
+    if controller is None or not controller.lib_controllers:
+        return None
+    return max(lib.num_threads for lib in controller.lib_controllers)
+
+
+# -- the pool ------------------------------------------------------------------------------------
+
+def parallel_chunks(count: int, work, uses_blas: bool = False) -> None:
+    """Call ``work(index)`` for every chunk index in range(count), spread over the threads.
+
+    Thread ``slot`` (0 = the calling thread) takes indices slot, slot + T, ...
+    With ``uses_blas`` the work calls BLAS, which is held to one thread meanwhile
+    (without threadpoolctl to do that, the chunks run one after the other in this
+    thread instead, BLAS keeping its own threads). Errors in any thread are
+    re-raised here. A call from inside a chunk runs its chunks in that thread.
+    """
+    threads = min(num_threads(), count)
+    if getattr(_local, "inside", False):     # a nested call from a pool thread: no new tasks
+        threads = 1
+    if uses_blas and threads > 1 and _blas_controller() is None:
+        threads = 1
+    if threads <= 1:
+        for index in range(count):
+            work(index)
+        return
+
+    def run_slot(slot):
+        _local.inside = True
+        try:
+            for index in range(slot, count, threads):
+                work(index)
+        finally:
+            _local.inside = False
+
+    executor = _executor(threads - 1)
+    if uses_blas:
+        with _blas_controller().limit(limits=1):
+            _run(executor, run_slot, threads)
+    else:
+        _run(executor, run_slot, threads)
+
+
+def _run(executor, run_slot, threads):
+    futures = [executor.submit(run_slot, slot) for slot in range(1, threads)]
+    try:
+        run_slot(0)
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The pool, grown to ``workers`` threads if needed (and made afresh in a forked child,
+    which inherits the pool object but not its threads)."""
+    if _pool["workers"] < workers or _pool.get("pid") != os.getpid():
+        if _pool["executor"] is not None and _pool.get("pid") == os.getpid():
+            _pool["executor"].shutdown(wait=True)
+        _pool.update(executor=ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minicnn"),
+                     workers=workers, pid=os.getpid())
+    return _pool["executor"]
+
+
+def images_per_chunk(batch: int, bytes_per_image: int, columns_per_image: int = 0) -> int:
+    """Chunk size: ~CHUNK_BYTES per chunk, >= 1 image, <= a quarter of the batch (work for
+    every thread) -- but a conv chunk has at least MIN_COLUMNS GEMM columns: deep layers with
+    small images (ResNet's 7x7 and 14x14 stages) then run as one GEMM, with BLAS's own threads,
+    rather than as many small pieces whose weight gradients must be added up. Depends on the
+    sizes only (never on the thread count), which keeps results thread-count free."""
+    by_bytes = max(1, CHUNK_BYTES // max(1, bytes_per_image))
+    chunk = min(by_bytes, math.ceil(batch / 4))
+    if columns_per_image:
+        chunk = max(chunk, math.ceil(MIN_COLUMNS / columns_per_image))
+    return max(1, min(chunk, batch))
+
+
+# Reusable work buffers: per thread, one per (name, dtype), as large as the largest request so
+# far. Shared by all layers (they run one after the other), so a ResNet-18 holds a few chunk-sized
+# buffers per thread rather than a set per layer. Keyed by thread, so two models run from two
+# Python threads at once never share one.
+_buffers: dict = {}
+
+
+def scratch(name: str, shape, dtype) -> np.ndarray:
+    """A reusable uninitialised buffer of ``shape`` for the calling thread (a view of its start)."""
+    buffers = _buffers.setdefault(threading.get_ident(), {})
+    key = (name, np.dtype(dtype).str)
+    size = math.prod(shape)
+    flat = buffers.get(key)
+    if flat is None or flat.size < size:
+        buffers[key] = flat = np.empty(size, dtype)
+    return flat[:size].reshape(shape)
+
+
+def release_buffers() -> None:
+    """Free every thread's work buffers (Module.release_saved() calls this)."""
+    _buffers.clear()
+
+
+def _padded(name, x, padding, fill):
+    """x (b, C, H, W) copied into the middle of a reusable (b, C, H + 2py, W + 2px) buffer
+    with a border of ``fill``; x itself when there is no padding."""
+    py, px = padding
+    if py == 0 and px == 0:
+        return x
+    b, c, h, w = x.shape
+    buffer = scratch(name, (b, c, h + 2 * py, w + 2 * px), x.dtype)
+    buffer[:, :, :py], buffer[:, :, py + h:] = fill, fill
+    buffer[:, :, :, :px], buffer[:, :, :, px + w:] = fill, fill
+    buffer[:, :, py:py + h, px:px + w] = x
+    return buffer
+
+
+# -- convolution ---------------------------------------------------------------------------------
+
+def _im2col_chunk(layer, x, out_hw):
+    """im2col.im2col for a chunk x (b, C, H, W) into a reusable buffer: (C*kh*kw, b*OH*OW)."""
+    (kh, kw), (sy, sx), (oh, ow) = layer.kernel_size, layer.stride, out_hw
+    b, c = x.shape[:2]
+    x_padded = _padded("x_padded", x, layer.padding, 0)
+    col = scratch("col", (c, kh, kw, b, oh, ow), x.dtype)
+    for ky in range(kh):
+        for kx in range(kw):
+            col[:, ky, kx] = x_padded[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx].transpose(1, 0, 2, 3)
+    return col.reshape(c * kh * kw, b * oh * ow)
+
+
+def _col2im_chunk(layer, col, grad_x):
+    """im2col.col2im for a chunk: col (C, kh, kw, b, OH, OW) added into grad_x (b, C, H, W)."""
+    c, kh, kw, b, oh, ow = col.shape
+    (sy, sx), (py, px) = layer.stride, layer.padding
+    h, w = grad_x.shape[2:]
+    target = grad_x if py == 0 and px == 0 else scratch("grad_padded", (b, c, h + 2 * py, w + 2 * px), col.dtype)
+    target.fill(0)
+    for ky in range(kh):
+        for kx in range(kw):
+            target[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx] += col[:, ky, kx].transpose(1, 0, 2, 3)
+    if target is not grad_x:
+        grad_x[...] = target[:, :, py:py + h, px:px + w]
+
+
+def conv2d_forward(layer, x, out_hw):
+    """Conv2d.forward for NumPy x (N, C, H, W) -> (N, F, OH, OW), chunk by chunk.
+
+    Per chunk: col = im2col(x[chunk]); out[:, chunk] = W @ col + b, the GEMM writing
+    straight into its columns of the (F, N, OH, OW) result (as the readable version,
+    which returns the same transposed view).
+    """
+    n, c = x.shape[:2]
+    f, (kh, kw), (oh, ow) = layer.out_channels, layer.kernel_size, out_hw
+    weight = layer.weight.data.reshape(f, -1)                                # (F, K)
+    bias = None if layer.bias is None else layer.bias.data[:, None]
+    out = np.empty((f, n, oh, ow), dtype=x.dtype)
+    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize, oh * ow)
+
+    def work(index):
+        start, stop = index * chunk, min(n, (index + 1) * chunk)
+        col = _im2col_chunk(layer, x[start:stop], out_hw)             # (K, b*OH*OW)
+        rows = out[:, start:stop].reshape(f, -1)                             # a view: (F, b*OH*OW)
+        np.matmul(weight, col, out=rows)
+        if bias is not None:
+            rows += bias
+
+    parallel_chunks(math.ceil(n / chunk), work, uses_blas=True)
+    return out.transpose(1, 0, 2, 3)
+
+
+def conv2d_backward(layer, x, grad_output):
+    """Conv2d.backward for NumPy arrays, chunk by chunk; returns grad_x (or None) and
+    accumulates the weight and bias gradients.
+
+    G = grad_out as (F, N*OH*OW), as in the readable version (the bias gradient is its
+    row sums, computed the same way, so it is the same numbers). Per chunk:
+    col = im2col(x[chunk]) again (cheaper than keeping the whole col), dW_chunk = G @ col.T,
+    dcol = W.T @ G written over col, grad_x[chunk] = col2im(dcol). The dW_chunk are added
+    in chunk order.
+    """
+    n, c = x.shape[:2]
+    f, (kh, kw) = layer.out_channels, layer.kernel_size
+    oh, ow = grad_output.shape[2:]
+    weight = layer.weight.data.reshape(f, -1)                                # (F, K)
+    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize, oh * ow)
+    count = math.ceil(n / chunk)
+    grad_by_filter = _filters_first(grad_output, chunk)                     # (F, N, OH, OW) contiguous
+    grad_weights = [None] * count
+    grad_x = np.empty(x.shape, dtype=x.dtype) if layer.needs_input_grad else None
+    large = f * weight.shape[1] >= 2 ** 18                                   # see Conv2d.backward
+
+    def work(index):
+        start, stop = index * chunk, min(n, (index + 1) * chunk)
+        col = _im2col_chunk(layer, x[start:stop], (oh, ow))           # (K, b*OH*OW)
+        grad = grad_by_filter[:, start:stop].reshape(f, -1)                  # a view: (F, b*OH*OW)
+        grad_weights[index] = grad @ col.T if large else (col @ grad.T).T
+        if grad_x is not None:
+            np.matmul(weight.T, grad, out=col)                               # dL/dcol over col
+            _col2im_chunk(layer, col.reshape(c, kh, kw, stop - start, oh, ow), grad_x[start:stop])
+
+    parallel_chunks(count, work, uses_blas=True)
+    layer.weight.accumulate_grad(_sum_in_order(grad_weights).reshape(layer.weight.data.shape))
+    if layer.bias is not None:
+        layer.bias.accumulate_grad(grad_by_filter.reshape(f, -1).sum(axis=1))
+    return grad_x
+
+
+def _filters_first(grad_output, chunk):
+    """grad_output (N, F, OH, OW) as a C-contiguous (F, N, OH, OW) array (copied in chunks)."""
+    by_filter = grad_output.transpose(1, 0, 2, 3)
+    if by_filter.flags.c_contiguous:                                         # it came from the fast forward
+        return by_filter
+    out = np.empty(by_filter.shape, dtype=grad_output.dtype)
+    n = grad_output.shape[0]
+
+    def work(index):
+        part = slice(index * chunk, (index + 1) * chunk)
+        out[:, part] = by_filter[:, part]
+
+    parallel_chunks(math.ceil(n / chunk), work)
+    return out
+
+
+def _sum_in_order(parts):
+    """parts[0] + parts[1] + ... in this order, as a C-contiguous array."""
+    total = parts[0] if parts[0].flags.c_contiguous else np.ascontiguousarray(parts[0])
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+# -- max pooling ---------------------------------------------------------------------------------
+
+def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winner: int):
+    """MaxPool2d.forward for NumPy x (N, C, H, W) -> (out (N, C, OH, OW), argmax or None).
+
+    The readable loop, run per chunk with the chunk's temporaries in reusable buffers.
+    ``relu``: also apply ReLU to the output and mark outputs <= 0 with ``no_winner``
+    in argmax (see MaxPool2d.forward_after_relu).
+    """
+    n, c = x.shape[:2]
+    (kh, kw), (sy, sx), (oh, ow) = layer.kernel_size, layer.stride, out_hw
+    out = np.empty((n, c, oh, ow), dtype=x.dtype)
+    argmax_dtype = np.uint8 if kh * kw < 256 else np.int32
+    argmax = np.empty(out.shape, dtype=argmax_dtype) if keep_argmax else None
+    chunk = images_per_chunk(n, x[0].size * x.itemsize)
+
+    def work(index):
+        start, stop = index * chunk, min(n, (index + 1) * chunk)
+        x_padded = _padded("x_padded", x[start:stop], layer.padding, -np.inf)
+        best = out[start:stop]
+        views = [x_padded[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx] for ky in range(kh) for kx in range(kw)]
+        best[...] = views[0]
+        if argmax is None:                                   # no_grad: the running max only
+            for view in views[1:]:
+                np.maximum(best, view, out=best)
+        else:
+            winner = argmax[start:stop]
+            winner.fill(0)
+            shape = best.shape
+            window = scratch("window", shape, x.dtype)
+            better = scratch("better", shape, bool)
+            candidate = scratch("candidate", shape, argmax_dtype)
+            for offset, view in enumerate(views[1:], start=1):
+                window[...] = view
+                np.greater(window, best, out=better)
+                np.multiply(better, argmax_dtype(offset), out=candidate)
+                np.maximum(winner, candidate, out=winner)
+                np.maximum(best, window, out=best)
+            if relu:
+                np.less_equal(best, 0, out=better)
+                np.multiply(better, argmax_dtype(no_winner), out=candidate)
+                np.maximum(winner, candidate, out=winner)
+        if relu:
+            np.maximum(best, 0, out=best)
+
+    parallel_chunks(math.ceil(n / chunk), work)
+    return out, argmax
+
+
+def maxpool_backward(layer, argmax, x_shape, grad_output):
+    """MaxPool2d.backward for NumPy arrays: grad_x (N, C, H, W), chunk by chunk."""
+    n, c, h, w = x_shape
+    (kh, kw), (sy, sx), (py, px) = layer.kernel_size, layer.stride, layer.padding
+    oh, ow = grad_output.shape[2:]
+    grad_x = np.empty(x_shape, dtype=grad_output.dtype)
+    overlapping = sy < kh or sx < kw
+    covers_all = not overlapping and sy * oh == h + 2 * py and sx * ow == w + 2 * px
+    chunk = images_per_chunk(n, c * h * w * grad_output.itemsize)
+
+    def work(index):
+        start, stop = index * chunk, min(n, (index + 1) * chunk)
+        b = stop - start
+        target = (grad_x[start:stop] if py == 0 and px == 0
+                  else scratch("grad_padded", (b, c, h + 2 * py, w + 2 * px), grad_output.dtype))
+        if not covers_all:
+            target.fill(0)
+        grad, winner = grad_output[start:stop], argmax[start:stop]
+        won = scratch("won", winner.shape, bool)
+        share = scratch("share", winner.shape, grad_output.dtype)
+        for ky in range(kh):
+            for kx in range(kw):
+                window = target[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx]
+                np.equal(winner, ky * kw + kx, out=won)
+                if overlapping:
+                    np.multiply(grad, won, out=share)
+                    window += share
+                else:
+                    np.multiply(grad, won, out=window)
+        if py or px:
+            grad_x[start:stop] = target[:, :, py:py + h, px:px + w]
+
+    parallel_chunks(math.ceil(n / chunk), work)
+    return grad_x
+
+
+# -- elementwise -----------------------------------------------------------------------------------
+
+# Below this size an elementwise pass runs as one call: a thread hand-off costs more.
+SMALL_BYTES = 2 ** 20
+
+
+def relu_forward(x, *, inplace: bool, keep_mask: bool):
+    """ReLU.forward for NumPy x: (max(x, 0), the mask out > 0 or None), split over axis 0."""
+    out = x if inplace else np.empty_like(x)
+    mask = np.empty_like(x, dtype=bool) if keep_mask else None
+
+    def part(where):
+        np.maximum(x[where], 0, out=out[where])
+        if mask is not None:
+            np.greater(out[where], 0, out=mask[where])
+
+    if x.ndim == 0 or x.nbytes < SMALL_BYTES:
+        part(...)
+    else:
+        chunk = images_per_chunk(len(x), x[0].nbytes)
+        parallel_chunks(math.ceil(len(x) / chunk), lambda index: part(slice(index * chunk, (index + 1) * chunk)))
+    return out, mask
+
+
+def multiply(a, b):
+    """a * b for NumPy arrays of the same shape (ReLU's backward), split over axis 0."""
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=np.result_type(a, b))
+    if out.ndim == 0 or out.nbytes < SMALL_BYTES or a.shape != b.shape:
+        np.multiply(a, b, out=out)
+        return out
+    chunk = images_per_chunk(len(out), out[0].nbytes)
+
+    def work(index):
+        part = slice(index * chunk, (index + 1) * chunk)
+        np.multiply(a[part], b[part], out=out[part])
+
+    parallel_chunks(math.ceil(len(out) / chunk), work)
+    return out
+
+
+def _split_first_axis(out, work_on):
+    """Call work_on(part) for slices of axis 0 of ``out``: one call for a small array,
+    batch chunks in the pool otherwise. Elementwise work only (no sums across the split)."""
+    if out.ndim == 0 or out.nbytes < SMALL_BYTES:
+        work_on(slice(None))
+        return
+    chunk = images_per_chunk(len(out), out[0].nbytes)
+    parallel_chunks(math.ceil(len(out) / chunk),
+                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)))
+
+
+def scale_shift(x, scale, shift, in_place: bool):
+    """x * scale + shift per channel, for NumPy x (N, C, H, W) and (C,) scale and shift:
+    BatchNorm2d.forward's last two passes (out = x * scale; out += shift), laid out like x.
+    ``in_place``: write over x (when nothing else needs it)."""
+    out = x if in_place else np.empty_like(x)
+    scale, shift = scale[:, None, None], shift[:, None, None]
+
+    def work_on(part):
+        np.multiply(x[part], scale, out=out[part])
+        out[part] += shift
+
+    _split_first_axis(out, work_on)
+    return out
+
+
+def batchnorm_backward_elementwise(grad_output, x_centered, scale, k, c):
+    """BatchNorm2d.backward's elementwise passes, per (C,) constants (training mode; k = c = None
+    in eval mode): grad_x = grad_out * scale;  grad_x -= x_centered * k;  grad_x -= c."""
+    grad_x = np.empty_like(grad_output)
+    scale = scale[:, None, None]
+    if k is not None:
+        k, c = k[:, None, None], c[:, None, None]
+
+    def work_on(part):
+        np.multiply(grad_output[part], scale, out=grad_x[part])
+        if k is not None:
+            grad_x[part] -= x_centered[part] * k
+            grad_x[part] -= c
+
+    _split_first_axis(grad_x, work_on)
+    return grad_x
