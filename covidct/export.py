@@ -26,8 +26,6 @@ then the raw little-endian tensor bytes, in header order.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ import numpy as np
 import minicnn as mc
 from minicnn.layers.residual import BasicBlock
 from minicnn.models.resnet import BACKBONE, HEAD, ResNet
+from minicnn.serialization import atomic_write
 
 from . import CLASS_NAMES
 from .errors import CovidCTError
@@ -53,23 +52,6 @@ INPUT_DESCRIPTION = ("image: float32 (N, 1, S, S), one gray CT slice per row, va
                      "(see covidct.preprocess: PNG/JPEG by the gray rule, then resized to S x S; "
                      "DICOM/NIfTI in HU through covidct.ct_window first). The graph normalises it itself. "
                      "Outputs: logits (N, 2) and probabilities (N, 2), column 1 = P(COVID).")
-
-
-def _atomic_write(path, write) -> Path:
-    """write(file) into a temporary file beside path, then rename it over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def onnx_metadata(meta: dict) -> dict:
@@ -185,7 +167,7 @@ def export_onnx(model: mc.Module, meta: dict, path) -> Path:
     onnx_model.ir_version = ONNX_IR_VERSION
     helper.set_model_props(onnx_model, onnx_metadata(meta))
     onnx.checker.check_model(onnx_model)
-    return _atomic_write(path, lambda file: file.write(onnx_model.SerializeToString()))
+    return atomic_write(path, lambda file: file.write(onnx_model.SerializeToString()))
 
 
 # ------------------------------------------------------------------ safetensors
@@ -211,7 +193,7 @@ def export_safetensors(model: mc.Module, meta: dict, path) -> Path:
         for array in state.values():
             file.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def export_checkpoint(checkpoint, fmt: str, out) -> Path:

@@ -34,11 +34,17 @@ def save(path, state_dict: dict, metadata: dict | None = None) -> Path:
         if array.dtype == object:
             raise TypeError(f"save: '{name}' is an object array; only numeric arrays can be saved without pickle")
     arrays[METADATA_KEY] = np.array(json.dumps(metadata or {}))
+    return atomic_write(path, lambda file: np.savez(file, **arrays))
+
+
+def atomic_write(path, write) -> Path:
+    """write(file) into a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_name, path)
