@@ -78,6 +78,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --freeze-backbone: train the whole network from epoch N+1")
     parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale, metavar="S",
                         help="the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning; default 1)")
+    parser.add_argument("--distributed", nargs="?", const="mpi", default=None, choices=["mpi", "nccl"],
+                        help="data-parallel over the ranks of 'mpiexec -n N': gradients averaged over MPI "
+                             "(default) or NCCL (--device gpu, one GPU per rank); --batch-size is the global batch")
 
 
 def resumed_config(config_class, args):
@@ -105,18 +108,26 @@ def config_from_args(args) -> "TrainConfig":
     return TrainConfig(**values)
 
 
-def run_train(args) -> int:
+def run_train(args, comm=None) -> int:
     from .train import train
 
-    config = config_from_args(args)
+    if getattr(args, "distributed", None) and comm is None:     # mpiexec -n N covidct train --distributed
+        from .distributed import run_on_ranks
+        return run_on_ranks(args.distributed, args.device, lambda comm: run_train(args, comm))
+    if comm is None:
+        config = config_from_args(args)
+    else:
+        from .distributed import root_first
+        config = root_first(comm, lambda: config_from_args(args))
     try:
-        summary = train(config, resume=bool(args.resume))
+        summary = train(config, resume=bool(args.resume), comm=comm)
     except KeyboardInterrupt:
         print(f"\ninterrupted: completed epochs are saved in {config.out}/last.npz; "
               f"continue with: covidct train --resume {config.out}", file=sys.stderr)
         return 130
-    print(f"best epoch {summary['best_epoch']}; checkpoint {config.out}/best.npz; "
-          f"plots and predictions in {config.out}/")
+    if "best_epoch" in summary:                                  # rank 0 of a distributed run
+        print(f"best epoch {summary['best_epoch']}; checkpoint {config.out}/best.npz; "
+              f"plots and predictions in {config.out}/")
     return 0
 
 
@@ -271,7 +282,8 @@ def run_describe(args) -> int:
 EXAMPLES = {
     "train": "examples:\n  covidct train                                   # synthetic phantom data\n"
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
-             "  covidct train --resume runs/default-covid-ct",
+             "  covidct train --resume runs/default-covid-ct\n"
+             "  mpiexec -n 2 covidct train --distributed --data ../shared/covid-ct   # 2 processes",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
                 "--out runs/ssl-default\n"
                 "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",

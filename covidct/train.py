@@ -202,8 +202,16 @@ def dropout_rngs(model):
 class Trainer:
     """Owns one run: data, model, optimizer, history, and the run directory."""
 
-    def __init__(self, config: TrainConfig, log=print):
+    def __init__(self, config: TrainConfig, log=print, comm=None):
         config.validate()
+        # data-parallel ranks (covidct train --distributed; docs/distributed.md): rank 0 alone logs and writes
+        self.comm = comm or mc.distributed.SingleProcessCommunicator()
+        self.is_root = self.comm.rank == 0
+        if not self.is_root:
+            log, config.progress = (lambda *args, **kwargs: None), False
+        if config.batch_size % self.comm.size:
+            raise CovidCTError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of "
+                               f"the number of ranks, {self.comm.size}")
         self.config, self.log = config, log
         self.run_dir = Path(config.out)
         self.model_config = model_config_for(config)
@@ -225,10 +233,13 @@ class Trainer:
             {"params": [p for p in self.model.parameters() if id(p) not in head_ids],
              "lr_scale": config.backbone_lr_scale},
             {"params": self.head.parameters()}])
+        if self.comm.size > 1:                                   # average gradients over the ranks
+            self.optimizer = mc.distributed.DataParallelOptimizer(self.optimizer, self.comm)
         self.feature_cache = None   # (train features, val features) while a frozen backbone allows it
         self.criterion = mc.SoftmaxCrossEntropy(class_weights(config.class_weights, self.train_labels))
         self.augment = parse_augment(config.augment)
-        self.loader = DataLoader(self.train_images, self.train_labels, config.batch_size, shuffle=True,
+        self.loader = DataLoader(self.train_images, self.train_labels, config.batch_size // self.comm.size,
+                                 shuffle=True, shard=(self.comm.rank, self.comm.size),
                                  drop_last=len(self.train_images) > config.batch_size, seed=config.seed,
                                  augment=self.augment, device=config.device, normalize=(self.mean, self.std))
         self.history: list[dict] = []
@@ -295,11 +306,11 @@ class Trainer:
 
     def feature_batches(self, features, epoch: int):
         """The loader's shuffled order and batch sizes, over cached features instead of images."""
-        order = np.random.default_rng([self.config.seed, epoch, 0]).permutation(len(features))
+        order, size = self.loader.order(epoch), self.loader.batch_size
         labels = mc.to_device(self.train_labels.astype(np.int64), self.config.device)
         xp = mc.get_array_module(features)
         for batch in range(len(self.loader)):
-            index = xp.asarray(order[batch * self.config.batch_size:(batch + 1) * self.config.batch_size])
+            index = xp.asarray(order[batch * size:(batch + 1) * size])
             yield features[index], labels[index]
 
     # -- one epoch ---------------------------------------------------------------------
@@ -370,7 +381,8 @@ class Trainer:
     # -- the whole run --------------------------------------------------------------------
     def fit(self) -> dict:
         config = self.config
-        write_run_config(self.run_dir, config)
+        if self.is_root:
+            write_run_config(self.run_dir, config)
         self.log(f"{len(self.train_images)} training / {len(self.val_images)} validation images at "
                  f"{self.preprocess.size}x{self.preprocess.size}; model '{config.model}' with "
                  f"{count_parameters(self.model):,} parameters; device {config.device}")
@@ -380,25 +392,29 @@ class Trainer:
                 break
             self.optimizer.lr = learning_rate(config, epoch)
             started = time.perf_counter()
-            row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.train_epoch(epoch)}
+            row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.comm.average_metrics(self.train_epoch(epoch))}
+            self.comm.average_buffers(self.model)                # one set of BatchNorm statistics
             val_row, _ = self.validate(epoch)
+            val_row = self.comm.broadcast_object(val_row)        # every rank takes rank 0's decisions
             row.update(val_row, seconds=time.perf_counter() - started)
             self.history.append(row)
             key = self.selection_key(row)
             improved = self.best_key is None or key > self.best_key
             if improved:
                 self.best_key, self.stale_epochs = key, 0
-                save_checkpoint(self.run_dir / "best.npz", self.model, self.metadata(epoch))
+                if self.is_root:
+                    save_checkpoint(self.run_dir / "best.npz", self.model, self.metadata(epoch))
             else:
                 self.stale_epochs += 1
-            save_checkpoint(self.run_dir / "last.npz", self.model, self.metadata(epoch), self.optimizer)
-            self.write_history()
+            if self.is_root:
+                save_checkpoint(self.run_dir / "last.npz", self.model, self.metadata(epoch), self.optimizer)
+                self.write_history()
             self.log(f"epoch {epoch + 1:3d}/{config.epochs}  loss {row['train_loss']:.4f}  "
                      f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f}  "
                      f"acc {row['val_accuracy']:.3f}  AUC {_fmt(row['val_auc'])}  "
                      f"sens {_fmt(row['val_sensitivity'])}  spec {_fmt(row['val_specificity'])}  "
                      f"({row['seconds']:.1f}s){'  *' if improved else ''}")
-        return self.finish()
+        return self.finish() if self.is_root else {"run_dir": str(self.run_dir)}
 
     def finish(self) -> dict:
         """Reload the best epoch, choose its threshold on val, write the evaluation files."""
@@ -426,9 +442,9 @@ class Trainer:
         plot_history(frame[[c for c in frame.columns if c not in ("lr", "seconds")]], self.run_dir / "curves.png")
 
 
-def train(config: TrainConfig, resume: bool = False, log=print) -> dict:
-    """Train (or resume) a run; returns the best epoch's validation summary."""
-    trainer = Trainer(config, log=log)
+def train(config: TrainConfig, resume: bool = False, log=print, comm=None) -> dict:
+    """Train (or resume) a run; returns the best epoch's validation summary (on rank 0 of ``comm``)."""
+    trainer = Trainer(config, log=log, comm=comm)
     if resume:
         trainer.resume()
     return trainer.fit()
