@@ -22,5 +22,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "threadpoolctl>=3"],
         "gpu": ["cupy-cuda12x"],
+        "mpi": ["mpi4py", "mpich"],     # data-parallel training; the mpich wheel brings mpiexec
     },
 )

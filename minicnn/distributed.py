@@ -362,11 +362,13 @@ def abort_on_error(comm: Communicator) -> None:
     ranks through ``comm.abort``, instead of leaving the others blocked in a collective."""
     if comm.size == 1:
         return
-    previous = sys.excepthook
+    import traceback
 
-    def hook(kind, value, traceback):
-        sys.stderr.write(f"rank {comm.rank} of {comm.size} failed; stopping all ranks\n")
-        previous(kind, value, traceback)
+    def hook(kind, value, trace):
+        text = "".join(traceback.format_exception(kind, value, trace))
+        sys.stderr.write(f"rank {comm.rank} of {comm.size} failed ({kind.__name__}: {value}); "
+                         f"stopping all ranks\n{text}")
+        sys.stderr.flush()
         comm.abort(1)
 
     sys.excepthook = hook
