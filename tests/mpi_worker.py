@@ -9,6 +9,8 @@ and checks the files each rank writes to OUT_DIR. Modes:
   uneven  a sharded DataLoader over a dataset size that divides neither the batch nor the ranks:
           every rank must run the same number of all-reduces (else this would never finish)
   die     rank 1 raises while rank 0 waits in an all-reduce: abort_on_error must stop both
+  nccl    (GPU) the NCCL communicator: sums, means and broadcasts of CuPy arrays, and the steps
+          of `steps` on the GPU; one rank per GPU
 """
 import sys
 from pathlib import Path
@@ -98,8 +100,39 @@ def die(comm, out: Path):
     (out / "rank0-passed-the-allreduce").write_text("should not happen\n")
 
 
+def nccl(comm, out: Path):
+    import cupy
+
+    x = cupy.arange(5, dtype=cupy.float32) + comm.rank
+    summed, mean = comm.allreduce_sum([x])[0], comm.allreduce_mean([x.astype(cupy.float64)])[0]
+    broadcast = comm.broadcast_arrays([cupy.full(3, comm.rank + 1.0, dtype=cupy.float32)], root=0)[0]
+    metrics = comm.average_metrics({"rank": float(comm.rank)})          # host numbers still go over MPI
+    assert all(isinstance(a, cupy.ndarray) for a in (summed, mean, broadcast))
+
+    data = batches()
+    half = slice(comm.rank * BATCH // comm.size, (comm.rank + 1) * BATCH // comm.size)
+    model = small_model(seed=comm.rank).to("gpu")
+    comm.broadcast_parameters(model)
+    optimizer = DataParallelOptimizer(mc.optim.SGD(model.parameters(), 0.1, momentum=0.9), comm)
+    for x_host, y_host in data:
+        optimizer.zero_grad()
+        gradients(model, cupy.asarray(x_host[half]), cupy.asarray(y_host[half]))
+        optimizer.step()
+    np.savez(out / f"nccl-rank{comm.rank}.npz", summed=cupy.asnumpy(summed), mean=cupy.asnumpy(mean),
+             broadcast=cupy.asnumpy(broadcast), metric=metrics["rank"], size=comm.size,
+             *[cupy.asnumpy(p.data) for p in model.parameters()])
+    if comm.rank == 0:                                     # the CPU single-process reference
+        reference = small_model(seed=0)
+        optimizer = mc.optim.SGD(reference.parameters(), 0.1, momentum=0.9)
+        for x, y in data:
+            optimizer.zero_grad()
+            gradients(reference, x, y)
+            optimizer.step()
+        np.savez(out / "nccl-single.npz", *[p.data for p in reference.parameters()])
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    comm = create_communicator("mpi")
+    comm = create_communicator("nccl" if mode == "nccl" else "mpi")
     abort_on_error(comm)
-    {"steps": steps, "uneven": uneven, "die": die}[mode](comm, out)
+    {"steps": steps, "uneven": uneven, "die": die, "nccl": nccl}[mode](comm, out)

@@ -24,14 +24,14 @@ WORKER = Path(__file__).with_name("mpi_worker.py")
 TIMEOUT = 120          # seconds; a deadlock fails the test instead of hanging CI
 
 
-def mpiexec(*args, timeout=TIMEOUT):
-    """Run `mpiexec -n 2 ...` -> CompletedProcess; skip when MPI is not installed."""
+def mpiexec(*args, timeout=TIMEOUT, ranks=2):
+    """Run `mpiexec -n RANKS ...` -> CompletedProcess; skip when MPI is not installed."""
     pytest.importorskip("mpi4py")
     launcher = shutil.which("mpiexec")
     if launcher is None:
         pytest.skip("mpiexec not found (pip install -e '.[mpi]' brings the mpich wheel)")
     env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([launcher, "-n", "2", *map(str, args)], capture_output=True, text=True, env=env,
+    return subprocess.run([launcher, "-n", str(ranks), *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
@@ -196,3 +196,23 @@ def test_a_user_error_on_the_ranks_exits_with_one_line_each(phantom, tmp_path):
     assert "error: rank 0 of 2: --batch-size 7 (the global batch) must be a multiple of the number of ranks, 2" \
         in result.stderr or "error: rank 1 of 2: --batch-size 7" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_nccl_communicator_on_the_gpus(gpu, tmp_path):
+    """One rank per GPU (NCCL refuses two ranks on one device), at most two."""
+    nccl = pytest.importorskip("cupy.cuda.nccl")
+    if not getattr(nccl, "available", True):
+        pytest.skip("CuPy was built without NCCL")
+    ranks = min(2, gpu.cuda.runtime.getDeviceCount())
+    result = mpiexec(sys.executable, WORKER, "nccl", tmp_path, ranks=ranks)
+    assert result.returncode == 0, result.stderr
+    reference = np.load(tmp_path / "nccl-single.npz")
+    for rank in range(ranks):
+        got = np.load(tmp_path / f"nccl-rank{rank}.npz")
+        expected_sum = sum(np.arange(5, dtype=np.float32) + r for r in range(ranks))
+        np.testing.assert_array_equal(got["summed"], expected_sum)
+        np.testing.assert_allclose(got["mean"], expected_sum / ranks, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(got["broadcast"], np.full(3, 1.0, np.float32))
+        assert float(got["metric"]) == (ranks - 1) / 2
+        for key in reference.files:                    # float64 on the GPU vs the CPU
+            np.testing.assert_allclose(got[key], reference[key], rtol=0, atol=1e-10)
