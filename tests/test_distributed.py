@@ -216,3 +216,18 @@ def test_nccl_communicator_on_the_gpus(gpu, tmp_path):
         assert float(got["metric"]) == (ranks - 1) / 2
         for key in reference.files:                    # float64 on the GPU vs the CPU
             np.testing.assert_allclose(got[key], reference[key], rtol=0, atol=1e-10)
+
+
+def test_bench_distributed_quick_reports_rows_for_one_and_two_ranks(tmp_path):
+    pytest.importorskip("mpi4py")
+    if shutil.which("mpiexec") is None:
+        pytest.skip("mpiexec not found")
+    out = tmp_path / "dp.json"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py"
+    result = subprocess.run([sys.executable, bench, "--quick", "--scalings", "strong", "--json", out],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    one, two = json.loads(out.read_text())["rows"]
+    assert (one["ranks"], two["ranks"]) == (1, 2) and one["images_per_s"] > 0 and two["images_per_s"] > 0
+    assert one["allreduce_bytes_per_step"] == 0                       # one rank: nothing to reduce
+    assert two["allreduce_bytes_per_step"] == 4 * one["parameters"]  # float32 gradients, one buffer
