@@ -23,7 +23,7 @@ Communicators (all with ``rank``, ``size``, ``broadcast_parameters``, ``allreduc
 * ``SingleProcessCommunicator``: size 1, every collective is the identity; no MPI needed.
 * ``MPICommunicator``: mpi4py. All arrays of one call travel in ONE flat buffer (one message per
   step, not one per layer). CuPy arrays are staged through host memory unless the MPI library is
-  CUDA-aware (Open MPI's ``MPIX_Query_cuda_support``, MVAPICH2's ``MV2_USE_CUDA=1``, or
+  CUDA-aware (``MPIX_Query_cuda_support`` of Open MPI / MPICH, MVAPICH2's ``MV2_USE_CUDA=1``, or
   ``MINICNN_CUDA_AWARE_MPI=1`` to say so; ``=0`` forces staging).
 * ``NCCLCommunicator``: ``cupy.cuda.nccl``, one GPU per rank (device ``rank % device count``); MPI
   only hands the NCCL unique id from rank 0 to the others, then the gradients stay on the GPU.
@@ -205,8 +205,9 @@ def _import_mpi():
 def cuda_aware_mpi(MPI=None) -> bool:
     """Can the MPI library read CuPy (device) buffers directly?
 
-    MINICNN_CUDA_AWARE_MPI=1/0 decides; otherwise Open MPI is asked (MPIX_Query_cuda_support)
-    and MVAPICH2 is trusted when MV2_USE_CUDA=1. Anything else: no (stage through the host).
+    MINICNN_CUDA_AWARE_MPI=1/0 decides; otherwise the library is asked through the extension
+    MPIX_Query_cuda_support (Open MPI, MPICH >= 4) and MVAPICH2 is trusted when MV2_USE_CUDA=1.
+    Anything else: no (stage through the host).
     """
     setting = os.environ.get("MINICNN_CUDA_AWARE_MPI")
     if setting in ("0", "1"):
@@ -216,7 +217,8 @@ def cuda_aware_mpi(MPI=None) -> bool:
     try:
         import ctypes
 
-        query = ctypes.CDLL(None).MPIX_Query_cuda_support   # exported by Open MPI built with CUDA
+        MPI = MPI or _import_mpi()
+        query = ctypes.CDLL(MPI.__file__).MPIX_Query_cuda_support   # found in the libmpi mpi4py links
         return bool(query())
     except (AttributeError, OSError):
         return False

@@ -103,6 +103,16 @@ def test_trainer_refuses_a_global_batch_that_the_ranks_cannot_share(tmp_path):
         Trainer(config, comm=TwoRanks())
 
 
+def test_cuda_aware_mpi_can_be_declared(monkeypatch):
+    from minicnn.distributed import cuda_aware_mpi
+
+    monkeypatch.setenv("MINICNN_CUDA_AWARE_MPI", "1")
+    assert cuda_aware_mpi() is True
+    monkeypatch.setenv("MINICNN_CUDA_AWARE_MPI", "0")
+    monkeypatch.setenv("MV2_USE_CUDA", "1")
+    assert cuda_aware_mpi() is False                   # the explicit setting wins
+
+
 # -- two ranks under mpiexec -------------------------------------------------------------------------------------
 def test_two_half_batches_give_the_full_batch_gradient_and_identical_weights(tmp_path):
     result = mpiexec(sys.executable, WORKER, "steps", tmp_path)
