@@ -1,7 +1,8 @@
 """Data-parallel throughput: images/s of 1 rank vs N ranks (1 BLAS thread each) under mpiexec.
 
     python benchmarks/bench_distributed.py                      # default model, batch 64, 1 and 2 ranks
-    python benchmarks/bench_distributed.py --ranks 1,2,4 --steps 30 --json dp.json
+    python benchmarks/bench_distributed.py --rounds 3 --json dp.json   # best of 3 interleaved rounds per case
+    python benchmarks/bench_distributed.py --ranks 1,2,4 --steps 30
     python benchmarks/bench_distributed.py --quick              # tiny model, 3 steps (the test's smoke run)
 
 Each configuration is one ``mpiexec -n R python bench_distributed.py --worker ...`` with
@@ -17,7 +18,10 @@ Two scalings, both with the global batch of 64 that the issue asks for unless --
 
 Reported per configuration: images/s (global images per step / median step time, where the step
 time is the slowest rank's), the all-reduce time per step (packing included), and the bytes each
-rank all-reduces per step. Speed-up = images/s over the 1-rank images/s of the same scaling.
+rank all-reduces per step, and the CPU share: process time / wall time of the least served rank
+(MPI waits by spinning, so a rank that had its core to itself shows ~1.0; less means other processes
+took the core and the timing is disturbed). Speed-up = images/s over the 1-rank images/s of the same
+scaling. On a shared machine use --rounds N: the cases run interleaved N times, each keeps its best.
 """
 from __future__ import annotations
 
@@ -68,6 +72,7 @@ def worker(args) -> None:
     for _ in range(args.warmup):
         step()
     times, comm_times, comm_bytes = [], [], []
+    wall_started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         comm.barrier()                                      # every rank starts the step together
         seconds, bytes_before = comm.stats["allreduce_seconds"], comm.stats["allreduce_bytes"]
@@ -77,6 +82,10 @@ def worker(args) -> None:
         times.append(elapsed)
         comm_times.append(comm.stats["allreduce_seconds"] - seconds)
         comm_bytes.append(comm.stats["allreduce_bytes"] - bytes_before)
+    # share of a core this rank got while timed (< 1: other processes competed for the cores)
+    cpu_share = np.array([(time.process_time() - cpu_started) / (time.perf_counter() - wall_started)])
+    lowest_share = np.empty(1)
+    comm.comm.Allreduce(cpu_share, lowest_share, op=comm.MPI.MIN)
     # the slowest rank sets the pace: max over ranks of each step's time
     slowest = np.empty(len(times))
     comm.comm.Allreduce(np.array(times), slowest, op=comm.MPI.MAX)
@@ -89,7 +98,8 @@ def worker(args) -> None:
                "images_per_s": per_rank * comm.size / median,
                "allreduce_s_per_step": statistics.median(comm_times),
                "allreduce_bytes_per_step": int(statistics.median(comm_bytes)) if comm_bytes else 0,
-               "steps": args.steps, "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+               "steps": args.steps, "min_cpu_share": round(float(lowest_share[0]), 3),
+               "load_average_after": [round(v, 2) for v in os.getloadavg()]}
         Path(args.worker).write_text(json.dumps(row))
 
 
@@ -118,6 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scalings", default="strong,weak")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run every case this many times, interleaved, "
+                        "and keep each case's fastest round (the one least disturbed by other load)")
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, 3 steps (smoke run)")
     parser.add_argument("--json", default=None, help="also write the rows and the machine to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -135,21 +147,30 @@ def main(argv=None) -> int:
                     if not line.startswith(("- PyTorch", "- NumPy"))))      # the ranks' BLAS runs 1 thread
     print(f"\nmodel {args.model!r}, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"1 BLAS thread per rank\n")
-    rows = []
-    for scaling in args.scalings.split(","):
-        for ranks in (int(r) for r in args.ranks.split(",")):
-            rows.append(run_case(args, ranks, scaling))
+    best: dict = {}
+    for _ in range(args.rounds):
+        for scaling in args.scalings.split(","):
+            for ranks in (int(r) for r in args.ranks.split(",")):
+                row = run_case(args, ranks, scaling)
+                key = (scaling, ranks)
+                row["rounds_images_per_s"] = best.get(key, {}).get("rounds_images_per_s", []) + [row["images_per_s"]]
+                if key not in best or row["images_per_s"] > best[key]["images_per_s"]:
+                    best[key] = row
+                else:
+                    best[key]["rounds_images_per_s"] = row["rounds_images_per_s"]
+    rows = list(best.values())
     header = ("| scaling | ranks | batch/rank | img/s | speed-up | median step ms | all-reduce ms/step "
-              "| all-reduce share | bytes/step |")
+              "| all-reduce share | bytes/step | CPU share | img/s of each round |")
     print(header)
-    print("|:--|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print("|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|:--|")
     for row in rows:
         base = next(r for r in rows if r["scaling"] == row["scaling"] and r["ranks"] == 1) \
             if any(r["scaling"] == row["scaling"] and r["ranks"] == 1 for r in rows) else row
         row["speedup"] = row["images_per_s"] / base["images_per_s"]
         print(f"| {row['scaling']} | {row['ranks']} | {row['per_rank_batch']} | {row['images_per_s']:.1f} | "
               f"{row['speedup']:.2f}x | {row['median_step_s'] * 1e3:.1f} | {row['allreduce_s_per_step'] * 1e3:.2f} | "
-              f"{row['allreduce_s_per_step'] / row['median_step_s']:.1%} | {row['allreduce_bytes_per_step']:,} |")
+              f"{row['allreduce_s_per_step'] / row['median_step_s']:.1%} | {row['allreduce_bytes_per_step']:,} | "
+              f"{row['min_cpu_share']:.2f} | {', '.join(f'{v:.0f}' for v in row['rounds_images_per_s'])} |")
     print(f"\nload average after (1/5/15 min): {[round(v, 2) for v in os.getloadavg()]}")
     if args.json:
         Path(args.json).write_text(json.dumps({"benchmark": "distributed", "machine": machine, "rows": rows,
