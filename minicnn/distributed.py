@@ -116,6 +116,13 @@ class Communicator:
     def allreduce_sum(self, values) -> list:
         """[array or number, ...] -> the same list summed over ranks (arrays keep dtype and device,
         numbers come back as floats). Arrays of one dtype travel in one flat buffer."""
+        return self._allreduce(values, scale=None)
+
+    def allreduce_mean(self, values) -> list:
+        """[array or number, ...] -> their mean over ranks (gradients: the full-batch gradient)."""
+        return self._allreduce(values, scale=1.0 / self.size)
+
+    def _allreduce(self, values, scale) -> list:
         values = list(values)
         if self.size == 1:
             return [value if hasattr(value, "shape") else float(value) for value in values]
@@ -125,20 +132,14 @@ class Communicator:
         for indices in _groups(arrays).values():
             flat, shapes = flatten([arrays[i] for i in indices])
             summed = self._allreduce_flat(flat)
+            if scale is not None:
+                summed *= summed.dtype.type(scale)          # one pass over the buffer, dtype kept
             self.stats["allreduce_calls"] += 1
             self.stats["allreduce_bytes"] += flat.nbytes
             for i, piece in zip(indices, unflatten(summed, shapes)):
                 result[i] = piece
-        self.stats["allreduce_seconds"] += time.perf_counter() - started
+        self.stats["allreduce_seconds"] += time.perf_counter() - started   # GPU: host time (no sync)
         return [r if hasattr(v, "shape") else float(r) for r, v in zip(result, values)]
-
-    def allreduce_mean(self, values) -> list:
-        """[array or number, ...] -> their mean over ranks (gradients: the full-batch gradient)."""
-        if self.size == 1:
-            return self.allreduce_sum(values)
-        scale = 1.0 / self.size
-        return [value * value.dtype.type(scale) if hasattr(value, "shape") else value * scale
-                for value in self.allreduce_sum(values)]
 
     def average_metrics(self, metrics: dict) -> dict:
         """{name: number} -> {name: mean over ranks}: exact for per-rank means over equal-sized shards."""
