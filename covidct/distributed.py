@@ -52,6 +52,10 @@ def run_on_ranks(kind: str, device: str, body) -> int:
     """body(comm) -> exit status on this rank. A user error (CovidCTError) or a non-zero status on
     any rank prints one line naming the rank and aborts all ranks (mpiexec then exits non-zero)."""
     comm = start_communicator(kind, device)
+    if comm.size == 1:
+        print("warning: --distributed with a single rank; start the ranks with mpiexec -n N", file=sys.stderr)
+    elif comm.rank == 0:
+        print(f"data-parallel training on {comm.size} ranks ({kind})")
     try:
         status = body(comm)
     except CovidCTError as error:
