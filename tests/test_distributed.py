@@ -47,7 +47,7 @@ def test_flatten_and_unflatten_round_trip():
 def test_single_process_communicator_is_the_identity_and_wrapper_matches_the_plain_optimizer():
     comm = SingleProcessCommunicator()
     assert (comm.rank, comm.size) == (0, 1)
-    assert comm.allreduce_sum([np.ones(2), 3]) [1] == 3.0
+    assert comm.allreduce_sum([np.ones(2), 3])[1] == 3.0
     assert comm.average_metrics({"loss": 0.5}) == {"loss": 0.5}
 
     def run(wrap):
