@@ -1,25 +1,23 @@
 """The ``covidct`` command: train, pretrain, evaluate, predict, synth, describe, viz.
 
 User mistakes (missing path, bad option value, wrong checkpoint) end with one
-line ``error: ...`` and exit status 2, never a traceback.
+line ``error: ...`` and exit status 2, never a traceback. So do the OS errors a
+user can fix (USER_OS_ERRORS: a missing file or folder, no permission, a file
+where a folder should be, a full disk). Any other exception is a bug and keeps
+its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import errno
 import sys
-from dataclasses import fields
+import warnings
 from pathlib import Path
 
 from .errors import CovidCTError
+from .paths import cache_root, image_cache_dir, writable_dir, writable_file  # noqa: F401  (cache_root: public)
 
 SYNTHETIC_DEFAULTS = dict(n=800, seed=0, difficulty=0.3)
-
-
-def cache_root() -> Path:
-    """Where generated data and decoded-image caches live ($COVIDCT_CACHE or ~/.cache/covidct)."""
-    return Path(os.environ.get("COVIDCT_CACHE", Path.home() / ".cache" / "covidct"))
 
 
 def synthetic_dataset(n: int = SYNTHETIC_DEFAULTS["n"], seed: int = SYNTHETIC_DEFAULTS["seed"],
@@ -33,97 +31,82 @@ def synthetic_dataset(n: int = SYNTHETIC_DEFAULTS["n"], seed: int = SYNTHETIC_DE
     return Path(write_dataset(out, n=n, seed=seed, difficulty=difficulty))
 
 
-# -- train ---------------------------------------------------------------------------------
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+# -- train and pretrain: flags from the config dataclasses --------------------------------------
+def add_run_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+    """--resume and one flag per config field (covidct.options)."""
+    from .options import add_config_arguments
+
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.npz "
+                        "(with a larger --epochs: extend a finished one)")
+    add_config_arguments(parser, config_class)
+
+
+def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
+    """covidct train's flags, and how the folds are made and run."""
     from .train import TrainConfig
 
-    defaults = TrainConfig()
-    parser.add_argument("--data", default="", help="dataset: UCSD COVID-CT root, CSV manifest or class folders "
-                        "(default: the generated synthetic phantom dataset)")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/<model>-<data name>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.npz")
-    parser.add_argument("--model", default=defaults.model,
-                        help="model preset: default, seed (the 2020 CNNv3), deep, resnet18, tiny")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--optimizer", default=defaults.optimizer, choices=["sgd", "adam", "adamw"])
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (Nesterov)")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--schedule", default=defaults.schedule, choices=["none", "step", "cosine"])
-    parser.add_argument("--warmup-epochs", type=int, default=defaults.warmup_epochs)
-    parser.add_argument("--class-weights", default=defaults.class_weights, help="balanced, none, or 'w0,w1'")
-    parser.add_argument("--augment", default=defaults.augment,
-                        help="e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; 'none'")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, choices=["cpu", "gpu"])
-    parser.add_argument("--select", default=defaults.select, help="validation metric for the best epoch: "
-                        "auc, accuracy, balanced_accuracy, loss")
-    parser.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience (epochs)")
-    parser.add_argument("--target-sensitivity", type=float, default=defaults.target_sensitivity,
-                        help="choose the decision threshold on val to reach this COVID sensitivity (e.g. 0.9)")
-    parser.add_argument("--train-split", default=defaults.train_split)
-    parser.add_argument("--val-split", default=defaults.val_split)
-    parser.add_argument("--cache-dir", default=None, help="decoded-image cache (default: under $COVIDCT_CACHE)")
-    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in a file)")
-    parser.add_argument("--no-progress", action="store_true", help="no per-batch progress bar")
-    parser.add_argument("--pretrained", default=None, metavar="PATH",
-                        help="start from these weights: torchvision's resnet18-f37072fd.pth (read without torch), "
-                             "a minicnn .npz or a covidct checkpoint; tensors that do not fit stay fresh")
-    parser.add_argument("--freeze-backbone", action="store_true",
-                        help="train only the head (ResNet-18: fc; other models: the FC block); the backbone "
-                             "runs forward only, and with --augment none its features are computed once")
-    parser.add_argument("--unfreeze-after", type=int, default=defaults.unfreeze_after, metavar="N",
-                        help="with --freeze-backbone: train the whole network from epoch N+1")
-    parser.add_argument("--backbone-lr-scale", type=float, default=defaults.backbone_lr_scale, metavar="S",
-                        help="the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning; default 1)")
-    parser.add_argument("--distributed", nargs="?", const="mpi", default=None, choices=["mpi", "nccl"],
-                        help="data-parallel over the ranks of 'mpiexec -n N': gradients averaged over MPI "
-                             "(default) or NCCL (--device gpu, one GPU per rank); --batch-size is the global batch")
+    add_run_arguments(parser, TrainConfig)
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (grouped by source)")
+    parser.add_argument("--repeats", type=int, default=1, help="draw the folds this many times (seeds)")
+    parser.add_argument("--jobs", type=int, default=1, help="folds trained at once, in worker processes")
+    parser.add_argument("--tta", action="store_true", help="the saved fold ensemble also averages the "
+                        "left-right mirror image (test-time augmentation)")
 
 
-def resumed_config(config_class, args):
-    """The config saved in the --resume run directory (TrainConfig or PretrainConfig), pointed at it."""
-    saved = Path(args.resume) / "config.json"
-    if not saved.is_file():
-        raise CovidCTError(f"--resume {args.resume}: no config.json there; is it a covidct run directory?")
-    config = config_class.from_dict(json.loads(saved.read_text()))
-    config.out, config.progress = args.resume, not args.no_progress
+def run_config_from_args(config_class, args, out_prefix: str = ""):
+    """The run's config: typed options over the defaults (or the run's own with --resume), checked paths."""
+    from .options import config_from_args
+
+    config = config_from_args(config_class, args)
+    if not args.resume:
+        config.data = config.data or str(synthetic_dataset())
+        if not Path(config.data).exists():
+            raise CovidCTError(f"--data {config.data}: no such file or directory")
+        if args.out is None:
+            config.out = str(Path("runs") / f"{out_prefix}{config.model}-{Path(config.data).resolve().name}")
+    config.cache_dir = image_cache_dir(config.cache_dir)
     return config
 
 
-def config_from_args(args) -> "TrainConfig":
-    from .train import TrainConfig
+def run_interruptible(command: str, config, work):
+    """work() with Ctrl-C turned into a note on how to continue (exit 130)."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: completed epochs are saved in {config.out}/last.npz; "
+              f"continue with: covidct {command} --resume {config.out}", file=sys.stderr)
+        return None
+
+
+def run_cv(args) -> int:
+    from .cv import cross_validate, format_cv_table
 
     if args.resume:
-        return resumed_config(TrainConfig, args)
-    data = args.data or str(synthetic_dataset())
-    if not Path(data).exists():
-        raise CovidCTError(f"--data {data}: no such file or directory")
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values.update(data=data, progress=not args.no_progress,
-                  cache_dir=args.cache_dir or str(cache_root() / "images"))
-    values["out"] = args.out or str(Path("runs") / f"{args.model}-{Path(data).resolve().name}")
-    return TrainConfig(**values)
+        raise CovidCTError("covidct cv has no --resume; run it again (decoded images are cached)")
+    from .train import TrainConfig
+
+    config = run_config_from_args(TrainConfig, args, out_prefix="cv-")
+    result = cross_validate(config, folds=args.folds, repeats=args.repeats, jobs=args.jobs, tta=args.tta)
+    print(format_cv_table(result))
+    print(f"\nwrote oof.csv, cv.json, cv.md and the fold ensemble ensemble.npz to {config.out}/ "
+          f"({result['seconds'] / 60:.1f} min)")
+    return 0
 
 
 def run_train(args, comm=None) -> int:
-    from .train import train
+    from .train import TrainConfig, train
 
     if getattr(args, "distributed", None) and comm is None:     # mpiexec -n N covidct train --distributed
         from .distributed import run_on_ranks
-        return run_on_ranks(args.distributed, args.device, lambda comm: run_train(args, comm))
+        return run_on_ranks(args.distributed, getattr(args, "device", None), lambda comm: run_train(args, comm))
     if comm is None:
-        config = config_from_args(args)
+        config = run_config_from_args(TrainConfig, args)
     else:
-        from .distributed import root_first
-        config = root_first(comm, lambda: config_from_args(args))
-    try:
-        summary = train(config, resume=bool(args.resume), comm=comm)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved in {config.out}/last.npz; "
-              f"continue with: covidct train --resume {config.out}", file=sys.stderr)
+        from .distributed import root_first, use_device
+        config = root_first(comm, lambda: run_config_from_args(TrainConfig, args))
+        use_device(comm, config.device)
+    summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume), comm=comm))
+    if summary is None:
         return 130
     if "best_epoch" in summary:                                  # rank 0 of a distributed run
         print(f"best epoch {summary['best_epoch']}; checkpoint {config.out}/best.npz; "
@@ -131,53 +114,11 @@ def run_train(args, comm=None) -> int:
     return 0
 
 
-# -- pretrain ------------------------------------------------------------------------------
-def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    from .pretrain import PretrainConfig
-
-    defaults = PretrainConfig()
-    parser.add_argument("--data", default="", help="dataset (default: the synthetic phantom); only its "
-                        "training images are learned from, without their labels")
-    parser.add_argument("--out", default=None, help="run directory (default: runs/pretrain-<model>-<data name>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.npz")
-    parser.add_argument("--model", default=defaults.model, help="architecture: default, deep, resnet18, tiny, seed")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the preset's; "
-                        "fine-tune at the same size)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--augment", default=defaults.augment, help="augmentation before the rotation (no flips)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", default=defaults.device, choices=["cpu", "gpu"])
-    parser.add_argument("--val-split", default=defaults.val_split,
-                        help="split whose images monitor the rotation accuracy ('' for none)")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--skip-bad", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-
-
 def run_pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain
 
-    if args.resume:
-        config = resumed_config(PretrainConfig, args)
-    else:
-        data = args.data or str(synthetic_dataset())
-        if not Path(data).exists():
-            raise CovidCTError(f"--data {data}: no such file or directory")
-        values = {f.name: getattr(args, f.name) for f in fields(PretrainConfig) if hasattr(args, f.name)}
-        values.update(data=data, progress=not args.no_progress,
-                      cache_dir=args.cache_dir or str(cache_root() / "images"),
-                      out=args.out or str(Path("runs") / f"pretrain-{args.model}-{Path(data).resolve().name}"))
-        config = PretrainConfig(**values)
-    try:
-        pretrain(config, resume=bool(args.resume))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved in {config.out}/last.npz; "
-              f"continue with: covidct pretrain --resume {config.out}", file=sys.stderr)
-        return 130
-    return 0
+    config = run_config_from_args(PretrainConfig, args, out_prefix="pretrain-")
+    return 0 if run_interruptible("pretrain", config, lambda: pretrain(config, resume=bool(args.resume))) else 130
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -188,14 +129,16 @@ def run_evaluate(args) -> int:
     from .preprocess import Preprocess, load_images
 
     model, meta = load_checkpoint(args.checkpoint, args.device)
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise CovidCTError(f"--threshold must be in [0, 1], got {args.threshold}")
     threshold = args.threshold if args.threshold is not None else float(meta.get("threshold", 0.5))
-    dataset = read_dataset(args.data, split=args.split)
-    images, labels, paths = load_images(dataset, Preprocess.from_dict(meta["preprocess"]),
-                                        cache_dir=args.cache_dir or str(cache_root() / "images"),
-                                        skip_bad=args.skip_bad)
+    out = writable_dir(args.out or Path(args.checkpoint).parent / f"eval-{args.split}", "--out")
+    cache_dir = writable_dir(image_cache_dir(args.cache_dir), "--cache-dir")
+    dataset = read_dataset(args.data, split=args.split, check_files=not args.skip_bad)
+    images, labels, paths = load_images(dataset, Preprocess.from_dict(meta["preprocess"]), cache_dir=cache_dir,
+                                        skip_bad=args.skip_bad, skipped_log=out / "skipped_files.txt")
     scores = predict_proba(model, images, meta["normalization"]["mean"], meta["normalization"]["std"],
                            device=args.device)
-    out = Path(args.out or Path(args.checkpoint).parent / f"eval-{args.split}")
     write_evaluation(out, labels, scores, paths, threshold, title=f"{args.split} split")
     print(report_text(labels, scores, threshold, f"{args.split} split of {args.data}"))
     print(f"\nwrote metrics.json, predictions.csv, roc.png, confusion.png to {out}/")
@@ -206,6 +149,10 @@ def run_evaluate(args) -> int:
 def run_predict(args) -> int:
     from .predict import format_table, predict_files, write_rows
 
+    if args.output:
+        writable_file(args.output, "--output")
+    if args.gradcam:
+        writable_dir(args.gradcam, "--gradcam")
     rows, failures, threshold = predict_files(args.checkpoint, args.paths, device=args.device)
     if rows:
         print(format_table(rows))
@@ -242,17 +189,21 @@ def run_viz(args) -> int:
         if args.n < 1:
             raise CovidCTError(f"--n must be >= 1, got {args.n}")
         return wrote(viz.gradcam_grid(args.checkpoint, args.data, args.split, args.out, n=args.n,
-                                      cache_dir=args.cache_dir or str(cache_root() / "images"), seed=args.seed))
+                                      cache_dir=image_cache_dir(args.cache_dir), seed=args.seed))
+    if args.action == "lungs":
+        path, counts = viz.lung_sheet(args.data, args.split or None, args.out, n=args.n, seed=args.seed)
+        print(f"{counts['fallbacks']} of {counts['shown']} slices fall back to the whole slice")
+        return wrote(path)
     if args.action == "shortcut":
         viz.shortcut_check(args.checkpoint, args.data, args.split, args.out,
-                           cache_dir=args.cache_dir or str(cache_root() / "images"), cam_target=args.target)
+                           cache_dir=image_cache_dir(args.cache_dir), cam_target=args.target)
         print((Path(args.out) / "shortcut.md").read_text())
         print(f"wrote shortcut.json and shortcut.md to {args.out}/")
         return 0
 
     from .checkpoint import load_checkpoint
 
-    model, meta = load_checkpoint(args.checkpoint)
+    model, meta = load_checkpoint(args.checkpoint, task=None)   # filters and feature maps: any task's network
     if args.action == "filters":
         return wrote(viz.plot_filters(model, args.out))
     from .preprocess import Preprocess, load_image
@@ -266,6 +217,7 @@ def run_viz(args) -> int:
 def run_synth(args) -> int:
     from .synthetic import write_dataset
 
+    writable_dir(args.out, "--out")
     path = write_dataset(args.out, n=args.n, seed=args.seed, difficulty=args.difficulty)
     print(f"wrote {args.n} synthetic CT slices in the UCSD COVID-CT layout to {path}")
     return 0
@@ -284,6 +236,8 @@ EXAMPLES = {
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
              "  covidct train --resume runs/default-covid-ct\n"
              "  mpiexec -n 2 covidct train --distributed --data ../shared/covid-ct   # 2 processes",
+    "cv": "examples:\n  covidct cv --data ../shared/covid-ct --folds 5 --lungs crop --jobs 2\n"
+          "  covidct evaluate --checkpoint runs/cv-default-covid-ct/ensemble.npz --data ../shared/covid-ct --split val",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
                 "--out runs/ssl-default\n"
                 "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",
@@ -296,6 +250,7 @@ EXAMPLES = {
            "  covidct viz kernels --image slice.png --out kernels.png\n"
            "  covidct viz gradcam --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
            "--out gradcam.png --n 16\n"
+           "  covidct viz lungs --data ../shared/covid-ct --out lungs.png --n 24\n"
            "  covidct viz shortcut --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
            "--out shortcut/",
 }
@@ -304,15 +259,27 @@ EXAMPLES = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidct", description="COVID-19 lung-CT classifier built on minicnn "
                                      "(COVID = positive class).")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="refuse images with more than N pixels before decoding them (default: "
+                             "covidct.preprocess.MAX_PIXELS = 50 million)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help_text):
         return commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    add_train_arguments(command("train", "train a classifier; keeps the best epoch by validation AUC"))
-    add_pretrain_arguments(command("pretrain", "self-supervised pretraining (rotation prediction) on the "
-                                   "training images, for covidct train --pretrained"))
+    from .pretrain import PretrainConfig
+    from .train import TrainConfig
+
+    train = command("train", "train a classifier; keeps the best epoch by validation AUC")
+    add_run_arguments(train, TrainConfig)
+    train.add_argument("--distributed", nargs="?", const="mpi", default=None, choices=["mpi", "nccl"],
+                       help="data-parallel over the ranks of 'mpiexec -n N': gradients averaged over MPI "
+                            "(default) or NCCL (--device gpu, one GPU per rank); --batch-size is the global batch")
+    add_run_arguments(command("pretrain", "self-supervised pretraining (rotation prediction) on the "
+                              "training images, for covidct train --pretrained"), PretrainConfig)
+    add_cv_arguments(command("cv", "k-fold cross-validation over train + val (folds grouped by source): "
+                             "out-of-fold metrics and a fold-ensemble checkpoint"))
 
     evaluate = command("evaluate", "evaluate a checkpoint on a split: the report's metrics, ROC and confusion plots")
     evaluate.add_argument("--checkpoint", required=True)
@@ -368,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--n", type=int, default=16, help="number of images (half correct, half wrong)")
     grid.add_argument("--seed", type=int, default=0, help="which images are drawn")
     grid.add_argument("--cache-dir", default=None)
+    lungs = action("lungs", "contact sheet of lung masks and crop boxes (covidct.lungs) on a dataset")
+    lungs.add_argument("--data", required=True)
+    lungs.add_argument("--split", default="train", help="split to draw from ('' for every image)")
+    lungs.add_argument("--out", required=True, help="PNG file")
+    lungs.add_argument("--n", type=int, default=24, help="number of slices")
+    lungs.add_argument("--seed", type=int, default=0, help="which slices are drawn")
     shortcut = action("shortcut", "shortcut check: Grad-CAM mass in the lungs, and metrics with the file "
                       "formats swapped between classes")
     shortcut.add_argument("--checkpoint", required=True)
@@ -380,21 +353,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"train": run_train, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
+RUNNERS = {"train": run_train, "cv": run_cv, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
            "describe": run_describe, "viz": run_viz}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_pixels is not None:
+        from . import preprocess
+
+        if args.max_pixels < 1:
+            print(f"error: --max-pixels must be >= 1, got {args.max_pixels}", file=sys.stderr)
+            return 2
+        preprocess.MAX_PIXELS = args.max_pixels
     return run_reporting_errors(RUNNERS[args.command], args)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line 'warning: ...' (no source path, no category name)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def run_reporting_errors(runner, args) -> int:
-    """runner(args), with user mistakes as one line 'error: ...' (exit 2) and Ctrl-C as exit 130."""
+    """runner(args), with user mistakes as one line 'error: ...' (exit 2), warnings as one line
+    'warning: ...' and Ctrl-C as exit 130."""
     try:
-        return runner(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return runner(args)
     except CovidCTError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if not isinstance(error, USER_OS_ERRORS) and error.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -273,6 +273,16 @@ def _list_images(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
+def class_dir(base: Path, name: str) -> Path:
+    """base/name, matched without regard to case (``COVID/`` and ``non-COVID/`` as the
+    SARS-CoV-2 CT set names them); base/name itself when nothing matches."""
+    exact = Path(base) / name
+    if exact.is_dir() or not Path(base).is_dir():
+        return exact
+    matches = [d for d in Path(base).iterdir() if d.is_dir() and d.name.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else exact
+
+
 def read_folders(root, split: str | None = None, covid_dir: str = "covid", non_covid_dir: str = "non-covid",
                  require_both_classes: bool = True) -> Dataset:
     """ROOT/[split/]covid/* = 1 and ROOT/[split/]non-covid/* = 0 (image extensions only)."""
@@ -283,7 +293,7 @@ def read_folders(root, split: str | None = None, covid_dir: str = "covid", non_c
                         f"{', '.join(list_splits(root, covid_dir, non_covid_dir)) or 'none'}")
     paths, labels = [], []
     for label, folder_name in ((COVID, covid_dir), (NON_COVID, non_covid_dir)):
-        folder = base / folder_name
+        folder = class_dir(base, folder_name)
         if not folder.is_dir():
             raise DataError(f"{folder}: class folder not found; expected {covid_dir}/ and {non_covid_dir}/ in {base}")
         files = _list_images(folder)
@@ -307,9 +317,10 @@ def detect_layout(source, covid_dir: str = "covid", non_covid_dir: str = "non-co
         return "ucsd"
     if _ucsd_image_dir(source) is not None:
         return "ucsd-folders"
-    if (source / covid_dir).is_dir() and (source / non_covid_dir).is_dir():
+    if class_dir(source, covid_dir).is_dir() and class_dir(source, non_covid_dir).is_dir():
         return "folders"
-    if any((d / covid_dir).is_dir() and (d / non_covid_dir).is_dir() for d in source.iterdir() if d.is_dir()):
+    if any(class_dir(d, covid_dir).is_dir() and class_dir(d, non_covid_dir).is_dir()
+           for d in source.iterdir() if d.is_dir()):
         return "folders"
     raise DataError(f"{source}: not a recognised dataset: expected Data-split/ with CT_COVID/ and "
                     f"CT_NonCOVID/ (UCSD layout), {covid_dir}/ and {non_covid_dir}/ folders, or a CSV file")
@@ -337,7 +348,7 @@ def read_dataset(source, split: str | None = None, *, root=None, covid_label: in
             raise DataError(f"{source}: no Data-split/ folder, so no split {split!r}; use split=None "
                             f"to read every image in CT_COVID/ and CT_NonCOVID/")
         return read_folders(base, None, UCSD_CLASS_DIRS[COVID], UCSD_CLASS_DIRS[NON_COVID], require_both_classes)
-    if split is None and not (Path(source) / covid_dir).is_dir():
+    if split is None and not class_dir(Path(source), covid_dir).is_dir():
         raise DataError(f"{source}: choose a split ({', '.join(list_splits(source, covid_dir, non_covid_dir))})")
     return read_folders(source, split, covid_dir, non_covid_dir, require_both_classes)
 
@@ -358,7 +369,7 @@ def list_splits(source, covid_dir: str = "covid", non_covid_dir: str = "non-covi
         return _sorted_splits(r[col].strip() for r in rows[1:] if col < len(r) and r[col].strip())
     if layout == "folders":
         return _sorted_splits(d.name for d in source.iterdir()
-                              if (d / covid_dir).is_dir() and (d / non_covid_dir).is_dir())
+                              if class_dir(d, covid_dir).is_dir() and class_dir(d, non_covid_dir).is_dir())
     return []
 
 

@@ -18,23 +18,32 @@ from .errors import CovidCTError
 KINDS = ("mpi", "nccl")
 
 
-def start_communicator(kind: str, device: str):
+def start_communicator(kind: str, device: str | None):
     """The communicator of this rank: 'mpi' (gradients over MPI, GPU arrays staged through the host
-    unless MPI is CUDA-aware) or 'nccl' (GPU all-reduce with NCCL). GPU ranks use GPU rank % count."""
+    unless MPI is CUDA-aware) or 'nccl' (GPU all-reduce with NCCL, one GPU per rank). ``device``
+    (None: not given, as with --resume) only lets 'nccl' refuse an explicit --device cpu early."""
     import minicnn as mc
 
     if kind not in KINDS:
         raise CovidCTError(f"--distributed {kind!r}: expected one of {KINDS}")
-    if kind == "nccl" and device != "gpu":
+    if kind == "nccl" and device == "cpu":
         raise CovidCTError("--distributed nccl needs --device gpu (NCCL reduces GPU arrays)")
     try:
         comm = mc.distributed.create_communicator(kind)
-        if kind == "mpi" and device == "gpu" and mc.gpu_available():
-            mc.distributed.select_gpu(comm)
     except RuntimeError as error:                     # mpi4py or NCCL missing: a sentence, no traceback
         raise CovidCTError(str(error)) from None
     mc.distributed.abort_on_error(comm)               # uncaught errors: stop every rank
     return comm
+
+
+def use_device(comm, device: str) -> None:
+    """Before the model is built: GPU ranks use GPU rank % count (NCCL ranks chose theirs already)."""
+    import minicnn as mc
+
+    if comm.name == "nccl" and device != "gpu":
+        raise CovidCTError("--distributed nccl needs --device gpu (NCCL reduces GPU arrays)")
+    if comm.name == "mpi" and device == "gpu" and mc.gpu_available():
+        mc.distributed.select_gpu(comm)
 
 
 def root_first(comm, make):

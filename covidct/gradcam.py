@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 import minicnn as mc
 from minicnn.models.resnet import BACKBONE, HEAD, ResNet
 
 from .errors import CovidCTError
+from .lungs import lung_mask, otsu_threshold  # noqa: F401  (re-exported)
 
 RESNET_STAGES = list(BACKBONE) + list(HEAD)
 
@@ -100,8 +100,7 @@ class _Quiet:
     def __exit__(self, *exc):
         for p, grad in zip(self.params, self.grads):
             p.grad = grad                       # None unless the caller had accumulated something
-        for layer in self.model.modules():
-            layer._saved = None                 # free what the forward kept for a backward never run
+        self.model.release_saved()              # free what the forward kept for a backward never run
         self.model.train(self.was_training)
         return False
 
@@ -181,76 +180,7 @@ def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
 
 
 # ------------------------------------------------------------------ lung mask
-def otsu_threshold(values, bins: int = 256) -> float:
-    """Otsu's threshold: the cut that maximises the between-class variance of a histogram."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        return lo
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centers = (edges[:-1] + edges[1:]) / 2
-    weight0 = np.cumsum(counts)
-    weight1 = weight0[-1] - weight0
-    sum0 = np.cumsum(counts * centers)
-    mean0 = sum0 / np.maximum(weight0, 1)
-    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
-    between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(edges[1:][np.argmax(between[:-1])]) if len(between) > 1 else lo
-
-
-def _disk(radius: int) -> np.ndarray:
-    r = np.arange(-radius, radius + 1)
-    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2
-
-
-def lung_mask(image, threshold: float | None = None, min_fraction: float = 0.01) -> np.ndarray:
-    """A rough lung-field mask of one axial CT slice (H, W) in [0, 1] -> bool (H, W).
-
-    1. light smoothing, then a threshold (Otsu's unless given): dark = air or lung;
-    2. dark regions touching the image border are the air around the body: removed;
-    3. opening (drop specks), closing and hole filling (take in vessels and lesions
-       inside the lung);
-    4. the two largest remaining components, each at least ``min_fraction`` of the image.
-
-    Limits: a heuristic, not a segmentation model. It misses lung that touches the
-    image border (tightly cropped slices), dense consolidation on the lung edge
-    (bright like the chest wall, so outside a dark region and often not enclosed),
-    and returns the trachea or bowel gas when a lung is missing or merged; on a
-    slice without a dark body outline (scout views, photos of screens) it can be
-    empty or wrong. Use it for statistics over many slices, not for one slice.
-    """
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3 and image.shape[0] == 1:
-        image = image[0]
-    if image.ndim != 2:
-        raise CovidCTError(f"lung_mask: expected one (H, W) slice, got shape {image.shape}")
-    size = min(image.shape)
-    smooth = ndimage.gaussian_filter(image, sigma=max(0.5, size / 256))
-    cut = otsu_threshold(smooth) if threshold is None else float(threshold)
-    dark = smooth < cut
-
-    # Outside air: flood-filled from the image border through clearly dark pixels (below
-    # half the threshold), then grown by a few pixels. Lungs are grayer than the air around
-    # the body, so a thin or broken chest wall does not let the flood into them.
-    radius = max(1, round(size / 64))
-    very_dark = smooth < 0.5 * cut
-    labels, count = ndimage.label(very_dark)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    outside = np.isin(labels, border[border > 0])
-    outside = ndimage.binary_dilation(outside, structure=_disk(radius), iterations=2)
-    inside = dark & ~outside
-
-    inside = ndimage.binary_opening(inside, structure=_disk(radius))
-    inside = ndimage.binary_closing(inside, structure=_disk(2 * radius), border_value=0)
-    inside = ndimage.binary_fill_holes(inside)
-
-    labels, count = ndimage.label(inside)
-    if count == 0:
-        return np.zeros(image.shape, bool)
-    sizes = ndimage.sum(inside, labels, index=np.arange(1, count + 1))
-    order = np.argsort(sizes)[::-1][:2]
-    keep = [k + 1 for k in order if sizes[k] >= min_fraction * image.size]
-    return np.isin(labels, keep)
+# lung_mask and otsu_threshold live in covidct.lungs (imported above; kept in __all__ for old callers).
 
 
 def mass_inside(heatmap, mask) -> float:

@@ -19,6 +19,13 @@ lungs. So every mode goes through one rule (``to_gray``):
     F               value, clipped to [0, 1]  (32-bit float is taken as already scaled)
 
 No per-image min/max stretching: the intensity scale is the mode's real range.
+A float image whose pixels are all NaN/inf is refused (it holds no image); one
+with some NaN/inf pixels is read with them as 0, with a warning.
+
+Memory: an image with more than MAX_PIXELS pixels is refused from its header,
+before decoding (``covidct --max-pixels N`` changes the limit), and the
+decoding threads together hold at most DECODE_BUDGET_PIXELS pixels at once: a
+big image waits and decodes alone instead of four decoding side by side.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,9 +58,12 @@ __all__ = [
 ]
 
 RESIZE_MODES = ("pad", "stretch")
-CACHE_VERSION = 1                      # bump when the decoding rule changes
+LUNG_MODES = ("none", "crop", "mask")
+CACHE_VERSION = 2                      # bump when the decoding rule changes
 MEMORY_CACHE_BYTES = 1 << 30           # at most 1 GiB of decoded images kept in memory
 RGB_WEIGHTS = (0.299, 0.587, 0.114)    # ITU-R BT.601 luma, as PIL's "L" conversion
+MAX_PIXELS = 50_000_000                # larger images are refused before decoding (covidct --max-pixels)
+DECODE_BUDGET_PIXELS = 32_000_000      # pixels being decoded at once, over all threads (~20 bytes each)
 
 
 @dataclass(frozen=True)
@@ -64,16 +75,29 @@ class Preprocess:
                       the image on a black (= air) square canvas. Default: anatomy
                       keeps its shape; the real slices are 0.9-2.4 times wider than high.
             "stretch" plain resize to size x size (distorts wide images).
-    Stored in checkpoints as JSON: see to_dict() / from_dict().
+    lungs:  "none"    the whole slice.
+            "crop"    cut the slice to its lung fields' box, widened by lung_margin
+                      (covidct.lungs), before resizing; slices whose lung mask is
+                      implausible keep the whole slice (counted by load_images).
+            "mask"    as crop, and everything outside the (slightly grown) lung mask
+                      is set to 0 (air).
+    Stored in checkpoints as JSON: see to_dict() / from_dict(); evaluate, predict and
+    Grad-CAM repeat exactly the preprocessing a model was trained with.
     """
     size: int = 224
     resize: str = "pad"
+    lungs: str = "none"
+    lung_margin: float = 0.08
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
             raise DataError(f"Preprocess size={self.size!r}: expected a positive integer number of pixels")
         if self.resize not in RESIZE_MODES:
             raise DataError(f"Preprocess resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
+        if self.lungs not in LUNG_MODES:
+            raise DataError(f"Preprocess lungs={self.lungs!r}: expected one of {', '.join(LUNG_MODES)}")
+        if not 0 <= self.lung_margin <= 1:
+            raise DataError(f"Preprocess lung_margin={self.lung_margin!r}: expected a fraction in [0, 1]")
         object.__setattr__(self, "size", int(self.size))
 
     def to_dict(self) -> dict:
@@ -81,14 +105,19 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        unknown = set(d) - {"size", "resize"}
+        known = {"size", "resize", "lungs", "lung_margin"}
+        unknown = set(d) - known
         if unknown:
-            raise DataError(f"Preprocess settings: unknown keys {sorted(unknown)}; expected size, resize")
+            raise DataError(f"Preprocess settings: unknown keys {sorted(unknown)}; expected {', '.join(sorted(known))}")
         return cls(**d)
 
     def key(self) -> str:
         """Short stable hash of the settings (and of the decoding rule version)."""
-        text = json.dumps({"v": CACHE_VERSION, **self.to_dict()}, sort_keys=True)
+        settings = {"v": CACHE_VERSION, **self.to_dict()}
+        if self.lungs != "none":
+            from .lungs import LUNGS_VERSION
+            settings["lungs_v"] = LUNGS_VERSION
+        text = json.dumps(settings, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def check_min_size(self, min_size: int | None) -> None:
@@ -157,17 +186,62 @@ def _resize(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, i
     return canvas, (new_h, new_w)
 
 
-def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int]]:
-    """File bytes -> ((1, size, size) float32, content (h, w) after resize), or DataError naming `path`."""
+class PixelBudget:
+    """At most ``limit`` pixels held by the blocks inside ``hold`` at once, over all threads.
+
+    A request that does not fit waits until enough is released; one larger than the whole
+    limit waits until it is alone, so it always runs eventually.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.in_use = limit, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        with self.changed:
+            while self.in_use and self.in_use + pixels > self.limit:
+                self.changed.wait()
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.in_use -= pixels
+                self.changed.notify_all()
+
+
+_decode_budget = PixelBudget(DECODE_BUDGET_PIXELS)
+
+
+def _check_finite(image: Image.Image, path: str) -> None:
+    """Float images (mode F): refuse all-NaN/inf, warn about some NaN/inf (read as 0)."""
+    if image.mode != "F":
+        return
+    bad = ~np.isfinite(np.asarray(image, dtype=np.float32))
+    if bad.all():
+        raise DataError(f"{path}: every pixel is NaN or infinite; the float image holds no picture")
+    if bad.any():
+        warnings.warn(f"{path}: {int(bad.sum())} of {bad.size} pixels are NaN or infinite; read as 0", stacklevel=2)
+
+
+def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """File bytes -> ((1, size, size) float32, content (h, w) after resize, lungs found), or DataError
+    naming `path`. "lungs found" is True unless pre.lungs asked for a crop and the mask was implausible."""
     if len(data) == 0:
         raise DataError(f"{path}: empty file (0 bytes), not an image")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:              # reads the header only
             w, h = image.size
             if w < 1 or h < 1:
                 raise DataError(f"{path}: zero-size image ({w}x{h} px)")
-            image.load()
-            gray = to_gray(image)
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{path}: {w}x{h} = {w * h:,} pixels, more than the limit of {MAX_PIXELS:,}; "
+                                f"downscale it, or raise the limit with covidct --max-pixels N")
+            with _decode_budget.hold(w * h):
+                image.load()
+                _check_finite(image, path)
+                gray = to_gray(image)
     except DataError:
         raise
     except UnidentifiedImageError as error:
@@ -180,8 +254,20 @@ def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, 
         raise DataError(f"{path}: corrupt or truncated image ({reason})") from error
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise DataError(f"{path}: zero-size image ({gray.shape})")
-    image_out, content_hw = _resize(gray, pre)
-    return image_out[None], content_hw
+    gray, lungs_found = _cut_to_lungs(gray, pre)
+    with _decode_budget.hold(gray.size):
+        image_out, content_hw = _resize(gray, pre)
+    return image_out[None], content_hw, lungs_found
+
+
+def _cut_to_lungs(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, bool]:
+    """(h, w) -> the lung-field crop that pre.lungs asks for (covidct.lungs), and whether lungs were found."""
+    if pre.lungs == "none":
+        return gray, True
+    from .lungs import crop_to_lungs, find_lungs
+
+    lungs = find_lungs(gray)
+    return crop_to_lungs(gray, lungs, pre.lung_margin, blank_outside=pre.lungs == "mask"), lungs.found
 
 
 def _png_header_size(data: bytes) -> tuple[int, int] | None:
@@ -219,14 +305,14 @@ def load_image(path, preprocess: Preprocess = Preprocess(), min_size: int | None
     """
     preprocess.check_min_size(min_size)
     path = str(path)
-    image, content_hw = _decode_bytes(_read_bytes(path), path, preprocess)
+    image, content_hw, _ = _decode_bytes(_read_bytes(path), path, preprocess)
     _check_content_size(path, content_hw, preprocess, min_size)
     return image
 
 
 # ------------------------------------------------------------------ caching
-# Both caches map (hash of the file's bytes, Preprocess.key()) -> (image, content (h, w)).
-_memory_cache: dict[tuple[str, str], tuple[np.ndarray, tuple[int, int]]] = {}
+# Both caches map (hash of the file's bytes, Preprocess.key()) -> (image, content (h, w), lungs found).
+_memory_cache: dict[tuple[str, str], tuple[np.ndarray, tuple[int, int], bool]] = {}
 _memory_lock = threading.Lock()
 
 
@@ -255,12 +341,12 @@ def _disk_cache_file(cache_dir: Path, pre_key: str, content_hash: str) -> Path:
 def _load_cached(file: Path, size: int):
     try:
         with np.load(file, allow_pickle=False) as npz:
-            image, content_hw = npz["image"], npz["content_hw"]
+            image, content_hw, lungs_found = npz["image"], npz["content_hw"], npz["lungs_found"]
     except (OSError, ValueError, KeyError, EOFError):  # absent or damaged entry: decode again
         return None
     if image.shape != (1, size, size) or image.dtype != np.float32 or content_hw.shape != (2,):
         return None
-    return image, (int(content_hw[0]), int(content_hw[1]))
+    return image, (int(content_hw[0]), int(content_hw[1])), bool(lungs_found)
 
 
 def _save_cached(file: Path, entry) -> None:
@@ -269,7 +355,7 @@ def _save_cached(file: Path, entry) -> None:
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, image=entry[0], content_hw=np.asarray(entry[1], np.int64))
+            np.savez(f, image=entry[0], content_hw=np.asarray(entry[1], np.int64), lungs_found=np.bool_(entry[2]))
         os.replace(tmp, file)
     except BaseException:
         if os.path.exists(tmp):
@@ -277,7 +363,7 @@ def _save_cached(file: Path, entry) -> None:
         raise
 
 
-def _load_one(path: str, pre: Preprocess, cache_dir: Path | None, min_size: int | None) -> np.ndarray:
+def _load_one(path: str, pre: Preprocess, cache_dir: Path | None, min_size: int | None):
     """Memory cache -> disk cache -> decode (and fill both caches)."""
     data = _read_bytes(path)
     content_hash = hashlib.sha1(data).hexdigest()          # identity, not security
@@ -295,12 +381,12 @@ def _load_one(path: str, pre: Preprocess, cache_dir: Path | None, min_size: int 
         if cache_file is not None:
             _save_cached(cache_file, entry)
     _check_content_size(path, entry[1], pre, min_size)
-    return entry[0]
+    return entry
 
 
 def load_images(dataset, preprocess: Preprocess = Preprocess(), cache_dir=None, skip_bad: bool = False,
                 progress: bool = False, min_size: int | None = None, skipped_log=None,
-                workers: int | None = None):
+                workers: int | None = None, stats: dict | None = None):
     """Decode every image of a Dataset -> (images (N, 1, H, W) float32, labels (N,) int64, paths).
 
     cache_dir:   folder for the on-disk cache (one .npz per image, keyed by a hash of
@@ -312,6 +398,8 @@ def load_images(dataset, preprocess: Preprocess = Preprocess(), cache_dir=None, 
                  cache_dir/skipped_files.txt, or a file in the system temp folder).
     min_size:    smallest image size (px) the model accepts; see load_image.
     workers:     decoding threads (default: up to 8, one per CPU).
+    stats:       a dict to fill with {"images", "skipped", "lung_fallbacks"} (slices whose
+                 lung mask was implausible and were kept whole; see Preprocess.lungs).
     """
     preprocess.check_min_size(min_size)
     paths = [str(p) for p in dataset.paths]
@@ -336,15 +424,18 @@ def load_images(dataset, preprocess: Preprocess = Preprocess(), cache_dir=None, 
             results = tqdm(results, total=len(paths), desc="loading images", unit="img")
         results = list(results)
 
-    images, kept, skipped = [], [], []
-    for i, (image, error) in enumerate(results):
+    images, kept, skipped, fallbacks = [], [], [], 0
+    for i, (entry, error) in enumerate(results):
         if error is None:
-            images.append(image)
+            images.append(entry[0])
+            fallbacks += not entry[2]
             kept.append(i)
         elif not skip_bad:
             raise DataError(error)
         else:
             skipped.append((paths[i], error))
+    if stats is not None:
+        stats.update(images=len(kept), skipped=len(skipped), lung_fallbacks=fallbacks)
     if skipped:
         log = _write_skipped(skipped, skipped_log, cache_path)
         warnings.warn(f"skipped {len(skipped)} of {len(paths)} images that could not be used; "

@@ -22,9 +22,7 @@ the 90/270 answers ambiguous.
 """
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,38 +30,44 @@ import numpy as np
 import minicnn as mc
 
 from .augment import parse_augment
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import TASK_ROTATION, save_checkpoint
 from .errors import CovidCTError
-from .loader import DataLoader
-from .model import build_model, count_parameters, preset
 from .evaluate import predict_logits
+from .loader import DataLoader
+from .loop import EpochLoop
+from .model import build_model, count_parameters, preset
+from .options import option
+from .paths import writable_dir
+from .runlock import RunLock
 from .preprocess import Preprocess, compute_normalization
-from .train import dropout_rngs, learning_rate, load_split, write_run_config
+from .train import DEVICES, SCHEDULES, load_split
 
 ROTATIONS = 4          # 0, 90, 180, 270 degrees: the pretext task's classes
 
 
 @dataclass
 class PretrainConfig:
-    data: str = ""
-    out: str = "runs/pretrain"
-    model: str = "default"              # the architecture to pretrain (covidct.model presets)
-    image_size: int | None = None       # None: the preset's input size (use the same for fine-tuning)
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3                    # Adam
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"            # learning_rate() of covidct.train: none | step | cosine
-    warmup_epochs: int = 2
-    step_epochs: int = 15
-    augment: str = "translate:0.06,contrast:0.15,crop:0.85"   # no flips: see the module docstring
-    seed: int = 0
-    device: str = "cpu"
-    train_split: str = "train"
-    val_split: str = "val"              # its images only monitor the pretext accuracy; "" to skip
-    cache_dir: str | None = None
-    skip_bad: bool = False
-    progress: bool = True
+    data: str = option("", "dataset (default: the synthetic phantom); only its training images are learned "
+                           "from, without their labels")
+    out: str = option("runs/pretrain", "run directory (default: runs/pretrain-<model>-<data name>)")
+    model: str = option("default", "architecture to pretrain: default, deep, resnet18, tiny, seed")
+    image_size: int | None = option(None, "input size (default: the preset's; fine-tune at the same size)")
+    epochs: int = option(30, "number of epochs (with --resume: a larger number extends the run)")
+    batch_size: int = option(32, "images per batch")
+    lr: float = option(1e-3, "Adam learning rate")
+    weight_decay: float = option(1e-4, "weight decay")
+    schedule: str = option("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULES)
+    warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up")
+    step_epochs: int = option(15, "step schedule: lr *= 0.1 every this many epochs")
+    augment: str = option("translate:0.06,contrast:0.15,crop:0.85",
+                          "augmentation before the rotation (no flips: see covidct.pretrain)")
+    seed: int = option(0, "random seed")
+    device: str = option("cpu", "where to train", choices=DEVICES)
+    train_split: str = option("train", "split whose images are learned from (labels unused)")
+    val_split: str = option("val", "split whose images monitor the rotation accuracy ('' for none)")
+    cache_dir: str | None = option(None, "decoded-image cache (default: $COVIDCT_CACHE/images)")
+    skip_bad: bool = option(False, "skip unreadable images (listed per split in the run directory)")
+    progress: bool = option(True, "no per-batch progress bar")
 
     @classmethod
     def from_dict(cls, data: dict) -> "PretrainConfig":
@@ -74,6 +78,9 @@ class PretrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise CovidCTError(f"pretrain: --epochs, --batch-size and --lr must be positive, got "
                                f"{self.epochs}, {self.batch_size}, {self.lr}")
+        if self.schedule not in SCHEDULES or self.step_epochs < 1:
+            raise CovidCTError(f"pretrain: --schedule must be one of {SCHEDULES} and --step-epochs >= 1, got "
+                               f"{self.schedule!r}, {self.step_epochs}")
         if self.device == "gpu" and not mc.gpu_available():
             raise CovidCTError(f"--device gpu: {mc.backend.gpu_status()[1]}")
         if any(transform.name in ("hflip", "vflip") for transform in parse_augment(self.augment).transforms):
@@ -101,8 +108,10 @@ def all_rotations(images):
     return np.ascontiguousarray(turned), np.repeat(np.arange(ROTATIONS), len(images))
 
 
-class Pretrainer:
+class Pretrainer(EpochLoop):
     """One pretraining run: data, 4-way model, Adam, history, last.npz (resumable) and pretrained.npz."""
+    command, task, config_key = "pretrain", TASK_ROTATION, "pretrain_config"
+    train_columns = ("loss", "rotation_accuracy")
 
     def __init__(self, config: PretrainConfig, log=print):
         config.validate()
@@ -115,12 +124,15 @@ class Pretrainer:
         self.model_config.feature_shape()
         self.preprocess = Preprocess(size=self.model_config.input_size)
 
-        images, _, _ = load_split(config, config.train_split, self.preprocess)   # COVID labels are not used
+        writable_dir(self.run_dir, "--out")
+        if config.cache_dir:
+            writable_dir(config.cache_dir, "--cache-dir")
+        images, _, _ = load_split(config, config.train_split, self.preprocess, self.run_dir)  # labels unused
         self.images = images
         self.mean, self.std = compute_normalization(images)
         self.val_images = None
         if config.val_split:
-            self.val_images, _, _ = load_split(config, config.val_split, self.preprocess)
+            self.val_images, _, _ = load_split(config, config.val_split, self.preprocess, self.run_dir)
 
         self.model = build_model(self.model_config, seed=config.seed).to(config.device)
         self.optimizer = mc.optim.Adam(self.model.parameters(), config.lr, weight_decay=config.weight_decay)
@@ -129,48 +141,21 @@ class Pretrainer:
                                  drop_last=len(images) > config.batch_size, seed=config.seed,
                                  augment=parse_augment(config.augment), device=config.device,
                                  normalize=(self.mean, self.std))
-        self.history: list[dict] = []
-        self.start_epoch = 0
+        self.init_loop()
 
     def metadata(self, epoch: int) -> dict:
         return {"model_config": self.model_config.to_dict(), "preprocess": self.preprocess.to_dict(),
-                "normalization": {"mean": self.mean, "std": self.std}, "pretext": "rotation",
-                "pretrain_config": asdict(self.config), "epoch": epoch, "history": self.history,
-                "rng_states": [rng.bit_generator.state for rng in dropout_rngs(self.model)]}
+                "normalization": {"mean": self.mean, "std": self.std}, "pretext": "rotation"}
 
-    def resume(self) -> None:
-        model_arrays, optimizer_arrays, meta = read_checkpoint(self.run_dir / "last.npz")
-        if meta.get("pretext") != "rotation":
-            raise CovidCTError(f"{self.run_dir / 'last.npz'}: not a pretraining checkpoint")
-        self.model.load_state_dict(model_arrays)
-        self.optimizer.load_state_dict(optimizer_arrays)
-        for rng, state in zip(dropout_rngs(self.model), meta["rng_states"]):
-            rng.bit_generator.state = state
-        self.history, self.start_epoch = meta["history"], meta["epoch"] + 1
-        self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
-
-    def train_epoch(self, epoch: int) -> dict:
-        self.model.train()
+    def batches(self, epoch: int):
+        """The loader's batches, each image turned by a random multiple of 90 degrees; y = the turns."""
         self.loader.set_epoch(epoch)
-        batches = self.loader
-        if self.config.progress:
-            from tqdm import tqdm
-            batches = tqdm(self.loader, desc=f"pretrain {epoch + 1}/{self.config.epochs}", leave=False, unit="batch")
-        total_loss, correct, seen = 0.0, 0, 0
-        for batch_index, (x, _) in enumerate(batches):
+        for batch_index, (x, _) in enumerate(self.loader):
             turns = np.random.default_rng([self.config.seed, epoch, 2, batch_index]).integers(0, ROTATIONS, len(x))
-            x, y = rotate_batch(x, turns), mc.to_device(turns.astype(np.int64), self.config.device)
-            self.optimizer.zero_grad()
-            logits = self.model(x)
-            loss = float(self.criterion(logits, y))
-            if not math.isfinite(loss):
-                raise CovidCTError(f"pretraining diverged at epoch {epoch + 1}: loss is {loss}; try a lower --lr")
-            self.model.backward(self.criterion.backward())
-            self.optimizer.step()
-            total_loss += loss * len(turns)
-            correct += int((mc.as_numpy(logits).argmax(axis=1) == turns).sum())
-            seen += len(turns)
-        return {"loss": total_loss / seen, "rotation_accuracy": correct / seen}
+            yield rotate_batch(x, turns), mc.to_device(turns.astype(np.int64), self.config.device)
+
+    def evaluate(self, epoch: int) -> dict:
+        return {"val_rotation_accuracy": self.val_rotation_accuracy()}
 
     def val_rotation_accuracy(self) -> float | None:
         """Pretext accuracy on the validation images in all four orientations (no COVID labels used)."""
@@ -180,39 +165,31 @@ class Pretrainer:
         logits = predict_logits(self.model, images, self.mean, self.std, device=self.config.device)
         return float((logits.argmax(axis=1) == turns).mean())
 
-    def fit(self) -> Path:
+    def describe(self) -> str:
+        return (f"rotation pretraining on {len(self.images)} {self.config.train_split} images at "
+                f"{self.preprocess.size}x{self.preprocess.size}; model '{self.config.model}' "
+                f"({count_parameters(self.model):,} parameters, 4-way head); device {self.config.device}")
+
+    def epoch_line(self, row: dict, improved: bool) -> str:
+        val = row["val_rotation_accuracy"]
+        return (f"epoch {row['epoch']:3d}/{self.config.epochs}  loss {row['loss']:.4f}  rotation acc "
+                f"{row['rotation_accuracy']:.3f}" + (f" | val rotation acc {val:.3f}" if val is not None else "")
+                + f"  ({row['seconds']:.1f}s)")
+
+    def finish(self) -> Path:
         config = self.config
-        write_run_config(self.run_dir, config)
-        self.log(f"rotation pretraining on {len(self.images)} {config.train_split} images at "
-                 f"{self.preprocess.size}x{self.preprocess.size}; model '{config.model}' "
-                 f"({count_parameters(self.model):,} parameters, 4-way head); device {config.device}")
-        for epoch in range(self.start_epoch, config.epochs):
-            self.optimizer.lr = learning_rate(config, epoch)
-            started = time.perf_counter()
-            row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.train_epoch(epoch),
-                   "val_rotation_accuracy": self.val_rotation_accuracy()}
-            row["seconds"] = time.perf_counter() - started
-            self.history.append(row)
-            save_checkpoint(self.run_dir / "last.npz", self.model, self.metadata(epoch), self.optimizer)
-            val = row["val_rotation_accuracy"]
-            self.log(f"epoch {epoch + 1:3d}/{config.epochs}  loss {row['loss']:.4f}  rotation acc "
-                     f"{row['rotation_accuracy']:.3f}" + (f" | val rotation acc {val:.3f}" if val is not None else "")
-                     + f"  ({row['seconds']:.1f}s)")
-        self.write_history()
-        path = save_checkpoint(self.run_dir / "pretrained.npz", self.model, self.metadata(config.epochs - 1))
+        path = save_checkpoint(self.run_dir / "pretrained.npz", self.model,
+                               self.checkpoint_metadata(config.epochs - 1))
         self.log(f"wrote {path}; fine-tune with: covidct train --data {config.data} --model {config.model}"
                  + (f" --image-size {config.image_size}" if config.image_size else "") + f" --pretrained {path}")
         return path
 
-    def write_history(self) -> None:
-        import pandas as pd
-
-        pd.DataFrame(self.history).to_csv(self.run_dir / "history.csv", index=False)
-
 
 def pretrain(config: PretrainConfig, resume: bool = False, log=print) -> Path:
     """Run (or resume) rotation pretraining; returns the path of pretrained.npz."""
-    trainer = Pretrainer(config, log=log)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    config.validate()                                   # a bad option leaves no run directory behind
+    with RunLock(config.out, log):                      # before any work: a second writer is refused at once
+        trainer = Pretrainer(config, log=log)
+        if resume:
+            trainer.resume()
+        return trainer.fit()

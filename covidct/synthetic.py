@@ -104,8 +104,12 @@ def _smooth_noise(rng, size: int, sigma_px: float) -> np.ndarray:
 
 # ------------------------------------------------------------------ one slice
 def make_slice(label: int, rng: np.random.Generator, size: int = DEFAULT_SIZE,
-               difficulty: float = DEFAULT_DIFFICULTY) -> np.ndarray:
-    """One synthetic axial CT slice -> float32 (size, size) in [0, 1]. label: 1 = COVID, 0 = not."""
+               difficulty: float = DEFAULT_DIFFICULTY, with_lung_mask: bool = False):
+    """One synthetic axial CT slice -> float32 (size, size) in [0, 1]. label: 1 = COVID, 0 = not.
+
+    with_lung_mask: also return the true lung fields, bool (size, size) (the same slice: drawing
+    the mask uses no random numbers), to measure a lung segmentation against.
+    """
     if label not in (COVID, NON_COVID):
         raise DataError(f"make_slice: label={label!r}, expected 1 (COVID) or 0 (non-COVID)")
     if not 0 <= difficulty <= 1:
@@ -221,7 +225,10 @@ def make_slice(label: int, rng: np.random.Generator, size: int = DEFAULT_SIZE,
     noise = _smooth_noise(scanner_rng, size, 0.7) * scanner_rng.uniform(0.012, 0.03)
     image = np.clip(image + noise, 0, 1) ** scanner_rng.uniform(0.8, 1.25)   # window: gamma, gain, offset
     image = image * scanner_rng.uniform(0.92, 1.05) + scanner_rng.uniform(-0.03, 0.03)
-    return np.clip(image, 0, 1).astype(np.float32)
+    image = np.clip(image, 0, 1).astype(np.float32)
+    if with_lung_mask:
+        return image, ndimage.rotate(lungs, tilt, reshape=False, order=1, mode="constant", cval=0.0) > 0.5
+    return image
 
 
 def _splat(u, v, x, y, weights) -> np.ndarray:

@@ -11,64 +11,100 @@ A run directory holds everything a run produces:
 
 ``--resume RUN_DIR`` continues from last.npz; Ctrl-C or ``kill -9`` lose at most
 the epoch in progress. A NaN/inf loss stops the run with a clear message and
-leaves the last good checkpoint in place.
+leaves the last good checkpoint in place. The epoch loop itself (checkpoints,
+resume, history, early stopping) is ``covidct.loop.EpochLoop``.
+
+Data comes in memory (``TrainData``), so folds, ensembles and other callers can
+train on arrays they already hold:
+
+    Trainer(config).fit()                                   # loads config.data's splits
+    Trainer(config, data=TrainData(x_train, y_train, x_val, y_val)).fit()
 """
 from __future__ import annotations
 
-import json
-import math
-import time
-from dataclasses import asdict, dataclass, fields
+import contextlib
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 import minicnn as mc
+from minicnn.models.resnet import IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD, gray_filters
 
 from .augment import parse_augment
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import TASK_COVID, check_finite, save_checkpoint
 from .data import read_dataset
 from .errors import CovidCTError
-from .evaluate import choose_threshold, predict_proba, report_text, softmax, write_evaluation
+from .evaluate import choose_threshold, predict_proba, report_text, write_evaluation
+from .frozen import strategy_for
 from .loader import DataLoader
+from .loop import EpochLoop, learning_rate  # noqa: F401  (learning_rate: public here too)
 from .metrics import classification_metrics
 from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
-from .preprocess import Preprocess, compute_normalization, load_images, normalize
+from .options import option
+from .paths import writable_dir
+from .runlock import RunLock
+from .preprocess import LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, load_images
 
-SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss")
+SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
+OPTIMIZERS, SCHEDULES, DEVICES = ("sgd", "adam", "adamw"), ("none", "step", "cosine"), ("cpu", "gpu")
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""                      # dataset root / CSV / class folders
-    out: str = "runs/covidct"           # run directory
-    model: str = "default"              # preset name (covidct.model.PRESETS)
-    image_size: int | None = None       # None: the preset's input size
-    epochs: int = 40
-    batch_size: int = 32
-    optimizer: str = "adam"             # sgd | adam | adamw
-    lr: float = 1e-3
-    momentum: float = 0.9               # SGD only
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"            # none | step | cosine
-    warmup_epochs: int = 2
-    step_epochs: int = 15               # step schedule: lr *= 0.1 every step_epochs
-    class_weights: str = "balanced"     # balanced | none | "w0,w1"
-    augment: str = "flip,rotate:10,translate:0.06,contrast:0.15,crop:0.85"
-    seed: int = 0
-    device: str = "cpu"
-    select: str = "auc"                 # selection metric on the validation split
-    patience: int = 15                  # early stopping: epochs without improvement
-    target_sensitivity: float | None = None  # choose the threshold on val to reach this sensitivity
-    train_split: str = "train"
-    val_split: str = "val"
-    cache_dir: str | None = None
-    skip_bad: bool = False
-    progress: bool = True
-    pretrained: str | None = None       # weights to start from: torch .pth, minicnn .npz, covidct checkpoint
-    freeze_backbone: bool = False       # train only the head (covidct.model.split_backbone_head)
-    unfreeze_after: int = 0             # with freeze_backbone: train everything from epoch N+1 (0: never)
-    backbone_lr_scale: float = 1.0      # backbone lr = lr * this (discriminative fine-tuning)
+    data: str = option("", "dataset: UCSD COVID-CT root, CSV manifest or class folders "
+                           "(default: the generated synthetic phantom dataset)")
+    out: str = option("runs/covidct", "run directory (default: runs/<model>-<data name>)")
+    model: str = option("default", "model preset: default, seed (the 2020 CNNv3), deep, resnet18, tiny")
+    image_size: int | None = option(None, "input size (default: the preset's)")
+    epochs: int = option(40, "number of epochs (with --resume: a larger number extends the run)")
+    batch_size: int = option(32, "images per batch")
+    optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(1e-3, "learning rate")
+    momentum: float = option(0.9, "SGD momentum (Nesterov); SGD only")
+    weight_decay: float = option(1e-4, "weight decay")
+    schedule: str = option("cosine", "learning-rate schedule after the warm-up", choices=SCHEDULES)
+    warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up")
+    step_epochs: int = option(15, "step schedule: lr *= 0.1 every this many epochs")
+    class_weights: str = option("balanced", "loss weight per class: balanced, none, or 'w0,w1'")
+    augment: str = option("flip,rotate:10,translate:0.06,contrast:0.15,crop:0.85",
+                          "e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; 'none'")
+    seed: int = option(0, "random seed (weights, order, augmentation)")
+    device: str = option("cpu", "where to train", choices=DEVICES)
+    select: str = option("auc", "validation metric for the best epoch", choices=SELECT_METRICS)
+    patience: int = option(15, "early stopping: epochs without improvement")
+    target_sensitivity: float | None = option(None, "choose the decision threshold on val to reach this COVID "
+                                                    "sensitivity (e.g. 0.9)")
+    train_split: str = option("train", "split to learn from")
+    val_split: str = option("val", "split for model selection")
+    cache_dir: str | None = option(None, "decoded-image cache (default: $COVIDCT_CACHE/images)")
+    skip_bad: bool = option(False, "skip unreadable images (listed per split in the run directory)")
+    progress: bool = option(True, "no per-batch progress bar")
+    pretrained: str | None = option(None, "start from these weights: torchvision's resnet18-f37072fd.pth (read "
+                                          "without torch), a minicnn .npz or a covidct checkpoint; tensors that "
+                                          "do not fit stay fresh", metavar="PATH")
+    freeze_backbone: bool = option(False, "train only the head (ResNet-18: fc; other models: the FC block); the "
+                                          "backbone runs forward only, and with --augment none its features are "
+                                          "computed once")
+    unfreeze_after: int = option(0, "with --freeze-backbone: train the whole network from epoch N+1 (0: never)",
+                                 metavar="N")
+    backbone_lr_scale: float = option(1.0, "the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning)",
+                                      metavar="S")
+    lungs: str = option("none", "cut every slice to its lung fields before resizing (crop), and also blank what "
+                                "lies outside the lung mask (mask); stored in the checkpoint (covidct/lungs.py)",
+                        choices=LUNG_MODES)
+    resize: str = option("pad", "pad: keep the aspect ratio on a black square; stretch: fill the square",
+                         choices=RESIZE_MODES)
+    extra_data: tuple = option((), "another dataset whose images (all of them) are added to TRAINING only, never "
+                                   "to validation or CV test folds; repeatable (e.g. ../shared/sars-cov-2-ct)",
+                               metavar="PATH")
+    extra_mode: str = option("mix", "mix: train on --data and the extra data at once; pretrain: first "
+                                    "--extra-epochs on the extra data alone, then fine-tune on --data",
+                             choices=("mix", "pretrain"))
+    extra_epochs: int = option(6, "epochs on the extra data with --extra-mode pretrain")
+
+    def __post_init__(self):
+        self.extra_data = tuple(self.extra_data or ())
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -80,10 +116,11 @@ class TrainConfig:
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.optimizer in ("sgd", "adam", "adamw"), f"--optimizer must be sgd, adam or adamw, got {self.optimizer!r}"),
-            (self.schedule in ("none", "step", "cosine"), f"--schedule must be none, step or cosine, got {self.schedule!r}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be sgd, adam or adamw, got {self.optimizer!r}"),
+            (self.schedule in SCHEDULES, f"--schedule must be none, step or cosine, got {self.schedule!r}"),
+            (self.step_epochs >= 1, f"--step-epochs must be >= 1, got {self.step_epochs}"),
             (self.select in SELECT_METRICS, f"--select must be one of {SELECT_METRICS}, got {self.select!r}"),
-            (self.device in ("cpu", "gpu"), f"--device must be cpu or gpu, got {self.device!r}"),
+            (self.device in DEVICES, f"--device must be cpu or gpu, got {self.device!r}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
              f"--target-sensitivity must be in (0, 1], got {self.target_sensitivity}"),
         ]
@@ -95,23 +132,23 @@ class TrainConfig:
                                f"used together with --freeze-backbone")
         if not self.backbone_lr_scale > 0:
             raise CovidCTError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
+        if self.lungs not in LUNG_MODES:
+            raise CovidCTError(f"--lungs must be one of {', '.join(LUNG_MODES)}, got {self.lungs!r}")
+        if self.resize not in RESIZE_MODES:
+            raise CovidCTError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.extra_mode == "pretrain" and self.extra_data and self.pretrained \
+                and self.pretrained != extra_checkpoint(self):
+            raise CovidCTError("--extra-mode pretrain makes its own starting weights; leave out --pretrained")
+        if self.extra_mode not in ("mix", "pretrain") or self.extra_epochs < 1:
+            raise CovidCTError(f"--extra-mode must be mix or pretrain and --extra-epochs >= 1, "
+                               f"got {self.extra_mode!r} and {self.extra_epochs}")
+        for extra in self.extra_data:
+            if not Path(extra).exists():
+                raise CovidCTError(f"--extra-data {extra}: no such file or directory")
         if self.pretrained and not Path(self.pretrained).is_file():
             raise CovidCTError(f"--pretrained {self.pretrained}: no such file")
         if self.device == "gpu" and not mc.gpu_available():
             raise CovidCTError(f"--device gpu: {mc.backend.gpu_status()[1]}")
-
-
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """Linear warm-up over warmup_epochs, then constant, step (x0.1) or cosine decay to 1% of lr."""
-    if epoch < config.warmup_epochs:
-        return config.lr * (epoch + 1) / (config.warmup_epochs + 1)
-    if config.schedule == "step":
-        return config.lr * 0.1 ** ((epoch - config.warmup_epochs) // config.step_epochs)
-    if config.schedule == "cosine":
-        span = max(1, config.epochs - config.warmup_epochs)
-        progress = (epoch - config.warmup_epochs) / span
-        return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
-    return config.lr
 
 
 def class_weights(spec: str, labels: np.ndarray) -> list[float] | None:
@@ -148,14 +185,106 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     return model_config
 
 
-def load_split(config: TrainConfig, split: str, preprocess: Preprocess):
-    """-> images (N, 1, H, W) float32 in [0, 1], labels (N,), paths."""
-    dataset = read_dataset(config.data, split=split)
-    return load_images(dataset, preprocess, cache_dir=config.cache_dir, skip_bad=config.skip_bad,
-                       progress=config.progress)
+def preprocess_for(config: TrainConfig, model_config) -> Preprocess:
+    """The preprocessing a run's images get (and its checkpoints store)."""
+    return Preprocess(size=model_config.input_size, resize=config.resize, lungs=config.lungs)
 
 
-IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD = 0.449, 0.226   # ImageNet's RGB statistics, averaged
+def load_split(config, split: str | None, preprocess: Preprocess, skipped_dir=None, source=None, log=print):
+    """-> images (N, 1, H, W) float32 in [0, 1], labels (N,), paths. split None: every image of source
+    (default: config.data).
+
+    With config.skip_bad, the skipped files of this split are listed in skipped_dir/skipped-<split>.txt
+    (the run directory: each run keeps the lists of all its splits).
+    """
+    source = source or config.data
+    dataset = read_dataset(source, split=split, check_files=not config.skip_bad)
+    name = split or Path(source).name
+    skipped_log = Path(skipped_dir) / f"skipped-{name}.txt" if skipped_dir is not None else None
+    stats = {}
+    loaded = load_images(dataset, preprocess, cache_dir=config.cache_dir, skip_bad=config.skip_bad,
+                         progress=config.progress, skipped_log=skipped_log, stats=stats)
+    if stats.get("lung_fallbacks"):
+        log(f"{source} {split or ''}: no plausible lung mask in {stats['lung_fallbacks']} of {stats['images']} "
+            f"slices; those keep the whole slice")
+    return loaded
+
+
+def load_extra(config: TrainConfig, preprocess: Preprocess, log=print, skipped_dir=None):
+    """All images of every --extra-data set, concatenated (training only) -> images, labels, paths."""
+    parts = [load_split(config, None, preprocess, skipped_dir, source, log) for source in config.extra_data]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [path for p in parts for path in p[2]])
+
+
+def pretrain_on_extra(config: TrainConfig, extra, log=print) -> str:
+    """extra_mode "pretrain": train config's model on the extra images alone for extra_epochs
+    (every 10th image only watches) -> the checkpoint to fine-tune from (config.out/pretrain-extra)."""
+    from dataclasses import replace
+
+    images, labels, paths = extra
+    watch = np.arange(len(images)) % 10 == 0
+    pre_config = replace(config, out=str(Path(config.out) / "pretrain-extra"), epochs=config.extra_epochs,
+                         select="last", extra_data=(), pretrained=None, target_sensitivity=None,
+                         warmup_epochs=min(config.warmup_epochs, config.extra_epochs - 1))
+    log(f"pretraining on {len(images)} extra slices for {config.extra_epochs} epochs in {pre_config.out}")
+    data = TrainData(images[~watch], labels[~watch], images[watch], labels[watch],
+                     [p for p, w in zip(paths, watch) if not w], [p for p, w in zip(paths, watch) if w])
+    Trainer(pre_config, data=data, log=lambda *_: None).fit()
+    return extra_checkpoint(config)
+
+
+def extra_checkpoint(config: TrainConfig) -> str:
+    return str(Path(config.out) / "pretrain-extra" / "best.npz")
+
+
+
+@dataclass
+class TrainData:
+    """The images a Trainer learns from (train) and selects the best epoch on (val), in memory.
+
+    train_images, val_images: float32 (N, 1, H, W) in [0, 1], H = W = the model's input size
+    train_labels, val_labels: int (N,), 1 = COVID
+    train_paths, val_paths:   where each image came from (for predictions.csv), or None
+    """
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    train_paths: list | None = None
+    val_paths: list | None = None
+
+    def __post_init__(self):
+        self.train_labels = np.asarray(self.train_labels, dtype=np.int64)
+        self.val_labels = np.asarray(self.val_labels, dtype=np.int64)
+        for name in ("train", "val"):
+            images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
+            if images.ndim != 4 or images.shape[1] != 1 or len(images) != len(labels) or len(images) == 0:
+                raise CovidCTError(f"TrainData: {name} images must be (N, 1, H, W) with N = len(labels) > 0, "
+                                   f"got images {images.shape} and {len(labels)} labels")
+            if getattr(self, f"{name}_paths") is None:
+                setattr(self, f"{name}_paths", [f"{name}[{i}]" for i in range(len(images))])
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, preprocess: Preprocess, skipped_dir=None, log=print) -> "TrainData":
+        """The config's train and val splits, decoded with ``preprocess`` (cached, see load_images).
+
+        --extra-data: mix adds every extra image to train (never to val); pretrain first trains a
+        starting point on the extra images alone and sets config.pretrained to it.
+        """
+        train_images, train_labels, train_paths = load_split(config, config.train_split, preprocess, skipped_dir,
+                                                             log=log)
+        if config.extra_data and config.extra_mode == "pretrain":
+            if config.pretrained != extra_checkpoint(config):      # not yet done (a resumed run has it)
+                extra = load_extra(config, preprocess, log, skipped_dir)
+                config.pretrained = pretrain_on_extra(config, extra, log)
+        elif config.extra_data:
+            extra_images, extra_labels, extra_paths = load_extra(config, preprocess, log, skipped_dir)
+            train_images = np.concatenate([train_images, extra_images])
+            train_labels = np.concatenate([train_labels, extra_labels])
+            train_paths = train_paths + extra_paths
+        val = load_split(config, config.val_split, preprocess, skipped_dir, log=log)
+        return cls(train_images, train_labels, val[0], val[1], train_paths, val[2])
 
 
 def load_pretrained_weights(model, path, log=print) -> int:
@@ -164,11 +293,14 @@ def load_pretrained_weights(model, path, log=print) -> int:
     A 3-channel conv1 (ImageNet) is summed over RGB to fit a 1-channel model; tensors that
     do not fit (the 1000-way ImageNet fc) keep their fresh initialisation.
     """
+    import pickle
+    import zipfile
+
     from minicnn.torch_load import load_state_dict_file
 
     try:
         state = load_state_dict_file(path)
-    except Exception as error:  # pickle refusals, bad zips, ...: one line for the user
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CovidCTError(f"--pretrained {path}: cannot read weights ({error})") from None
     if any(key.startswith("model.") for key in state):  # a covidct checkpoint
         state = {key[len("model."):]: value for key, value in state.items() if key.startswith("model.")}
@@ -177,11 +309,12 @@ def load_pretrained_weights(model, path, log=print) -> int:
     for key, value in state.items():
         if key == "conv1.weight" and value.ndim == 4 and value.shape[1] == 3 and own.get(key) is not None \
                 and own[key].shape[1] == 1:
-            value = value.sum(axis=1, keepdims=True)             # RGB filters -> one gray filter
+            value = gray_filters(value)                             # RGB filters -> one gray filter
         if key in own and tuple(value.shape) == tuple(own[key].shape):
             fitting[key] = value
     if not fitting:
         raise CovidCTError(f"--pretrained {path}: no tensor matches the model's names and shapes")
+    check_finite(fitting, f"--pretrained {path}")
     model.load_state_dict(fitting, strict=False)
     # BatchNorm's num_batches_tracked is a counter, not a weight (torchvision's older files lack it)
     fresh = [key for key in own if key not in fitting and not key.endswith("num_batches_tracked")]
@@ -189,24 +322,18 @@ def load_pretrained_weights(model, path, log=print) -> int:
     return len(fitting)
 
 
-def write_run_config(run_dir: Path, config) -> None:
-    """Create the run directory and save the config there (what --resume reads back)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+class Trainer(EpochLoop):
+    """One classifier run: data, model, optimizer and run directory, trained by the shared epoch loop.
 
+    data: a TrainData, or None to read config.data's train/val splits (``TrainData.from_config``).
+    """
+    command, task, config_key = "train", TASK_COVID, "train_config"
+    cache_features = True        # frozen backbone without augmentation: compute its features once
 
-def dropout_rngs(model):
-    return [layer.rng for layer in model.modules() if isinstance(layer, mc.Dropout)]
-
-
-class Trainer:
-    """Owns one run: data, model, optimizer, history, and the run directory."""
-
-    def __init__(self, config: TrainConfig, log=print, comm=None):
+    def __init__(self, config: TrainConfig, data: TrainData | None = None, log=print, comm=None):
         config.validate()
         # data-parallel ranks (covidct train --distributed; docs/distributed.md): rank 0 alone logs and writes
-        self.comm = comm or mc.distributed.SingleProcessCommunicator()
-        self.is_root = self.comm.rank == 0
+        self.comm = comm or self.comm
         if not self.is_root:
             log, config.progress = (lambda *args, **kwargs: None), False
         if config.batch_size % self.comm.size:
@@ -215,11 +342,18 @@ class Trainer:
         self.config, self.log = config, log
         self.run_dir = Path(config.out)
         self.model_config = model_config_for(config)
-        self.preprocess = Preprocess(size=self.model_config.input_size)
-
-        self.train_images, self.train_labels, self.train_paths = load_split(config, config.train_split, self.preprocess)
-        self.val_images, self.val_labels, self.val_paths = load_split(config, config.val_split, self.preprocess)
-        self.mean, self.std = compute_normalization(self.train_images)  # training split only
+        self.preprocess = preprocess_for(config, self.model_config)
+        if data is None:
+            writable_dir(self.run_dir, "--out")
+            if config.cache_dir:
+                writable_dir(config.cache_dir, "--cache-dir")
+            data = TrainData.from_config(config, self.preprocess, skipped_dir=self.run_dir, log=log)
+        size = self.preprocess.size
+        if data.train_images.shape[2:] != (size, size) or data.val_images.shape[2:] != (size, size):
+            raise CovidCTError(f"TrainData: images of {data.train_images.shape[2:]} and {data.val_images.shape[2:]}"
+                               f" pixels, but model '{config.model}' takes {size}x{size}")
+        self.data = data
+        self.mean, self.std = compute_normalization(data.train_images)  # training split only
 
         self.model = build_model(self.model_config, seed=config.seed)
         if config.pretrained:
@@ -228,207 +362,79 @@ class Trainer:
                 self.mean, self.std = IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
         self.model.to(config.device)
         self.backbone, self.head = split_backbone_head(self.model)
-        head_ids = {id(param) for param in self.head.parameters()}
         self.optimizer = make_optimizer(config, [
-            {"params": [p for p in self.model.parameters() if id(p) not in head_ids],
-             "lr_scale": config.backbone_lr_scale},
+            {"params": self.backbone.parameters(), "lr_scale": config.backbone_lr_scale},
             {"params": self.head.parameters()}])
         if self.comm.size > 1:                                   # average gradients over the ranks
             self.optimizer = mc.distributed.DataParallelOptimizer(self.optimizer, self.comm)
-        self.feature_cache = None   # (train features, val features) while a frozen backbone allows it
-        self.criterion = mc.SoftmaxCrossEntropy(class_weights(config.class_weights, self.train_labels))
+        self.criterion = mc.SoftmaxCrossEntropy(class_weights(config.class_weights, data.train_labels))
         self.augment = parse_augment(config.augment)
-        self.loader = DataLoader(self.train_images, self.train_labels, config.batch_size // self.comm.size,
+        self.loader = DataLoader(data.train_images, data.train_labels, config.batch_size // self.comm.size,
                                  shuffle=True, shard=(self.comm.rank, self.comm.size),
-                                 drop_last=len(self.train_images) > config.batch_size, seed=config.seed,
+                                 drop_last=len(data.train_images) > config.batch_size, seed=config.seed,
                                  augment=self.augment, device=config.device, normalize=(self.mean, self.std))
-        self.history: list[dict] = []
-        self.start_epoch = 0
-        self.best_key = None
-        self.stale_epochs = 0
+        self.strategy = None         # covidct.frozen: which part learns, and on what
+        self.init_loop()
 
-    # -- checkpoints ---------------------------------------------------------------
+    # -- the task, for the loop -------------------------------------------------------------
     def metadata(self, epoch: int, threshold: float = 0.5, metrics=None) -> dict:
-        return {
-            "model_config": self.model_config.to_dict(),
-            "preprocess": self.preprocess.to_dict(),
-            "normalization": {"mean": self.mean, "std": self.std},
-            "threshold": threshold,
-            "train_config": asdict(self.config),
-            "augment": str(self.augment),
-            "epoch": epoch,
-            "history": self.history,
-            "best_key": self.best_key,
-            "stale_epochs": self.stale_epochs,
-            "metrics": metrics or {},
-            "rng_states": [rng.bit_generator.state for rng in dropout_rngs(self.model)],
-        }
+        return {"model_config": self.model_config.to_dict(), "preprocess": self.preprocess.to_dict(),
+                "normalization": {"mean": self.mean, "std": self.std}, "threshold": threshold,
+                "augment": str(self.augment), "metrics": metrics or {}}
 
-    def resume(self) -> None:
-        last = self.run_dir / "last.npz"
-        model_arrays, optimizer_arrays, meta = read_checkpoint(last)
-        if meta["model_config"] != json.loads(json.dumps(self.model_config.to_dict())):
-            raise CovidCTError(f"{last}: saved with a different model config; resume with the run's own options")
-        self.model.load_state_dict(model_arrays)
-        self.optimizer.load_state_dict(optimizer_arrays)
-        for rng, state in zip(dropout_rngs(self.model), meta["rng_states"]):
-            rng.bit_generator.state = state
-        self.history, self.best_key = meta["history"], meta["best_key"]
-        self.stale_epochs, self.start_epoch = meta["stale_epochs"], meta["epoch"] + 1
-        self.log(f"resuming {self.run_dir} after epoch {meta['epoch'] + 1}")
+    def batches(self, epoch: int):
+        self.strategy = strategy_for(self, epoch, self.strategy)
+        return self.strategy.batches(epoch)
 
-    # -- frozen backbone ------------------------------------------------------------------
-    def frozen(self, epoch: int) -> bool:
-        """Is the backbone frozen in this epoch (--freeze-backbone until --unfreeze-after)?"""
-        return self.config.freeze_backbone and not (self.config.unfreeze_after and epoch >= self.config.unfreeze_after)
+    def forward(self, x, epoch: int):
+        return self.strategy.forward(x)
 
-    def backbone_features(self, images: np.ndarray):
-        """(N, F) features of the images (normalised here), backbone in eval mode, nothing kept for backward."""
-        chunks = []
-        for start in range(0, len(images), self.config.batch_size):
-            batch = normalize(images[start:start + self.config.batch_size], self.mean, self.std)
-            chunks.append(self.backbone_features_of_batch(mc.to_device(batch, self.config.device)))
-        return mc.get_array_module(chunks[0]).concatenate(chunks)
+    def backward(self, grad_logits, epoch: int) -> None:
+        self.strategy.backward(grad_logits)
 
-    def cached_features(self, epoch: int):
-        """(train, val) features computed once, when the backbone is frozen and images are not augmented:
-        an epoch then costs one pass of the small head. None otherwise."""
-        if not self.frozen(epoch) or self.augment:
-            self.feature_cache = None
-            return None
-        if self.feature_cache is None:
-            started = time.perf_counter()
-            self.feature_cache = (self.backbone_features(self.train_images), self.backbone_features(self.val_images))
-            self.log(f"frozen backbone: cached {self.feature_cache[0].shape[1]} features of "
-                     f"{len(self.train_images)} + {len(self.val_images)} images "
-                     f"in {time.perf_counter() - started:.1f}s")
-        return self.feature_cache
-
-    def feature_batches(self, features, epoch: int):
-        """The loader's shuffled order and batch sizes, over cached features instead of images."""
-        order, size = self.loader.order(epoch), self.loader.batch_size
-        labels = mc.to_device(self.train_labels.astype(np.int64), self.config.device)
-        xp = mc.get_array_module(features)
-        for batch in range(len(self.loader)):
-            index = xp.asarray(order[batch * size:(batch + 1) * size])
-            yield features[index], labels[index]
-
-    # -- one epoch ---------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> dict:
-        frozen, cache = self.frozen(epoch), self.cached_features(epoch)
-        self.model.train()
-        self.loader.set_epoch(epoch)
-        total_loss, correct, seen = 0.0, 0, 0
-        batches = self.loader if cache is None else self.feature_batches(cache[0], epoch)
-        if self.config.progress:
-            from tqdm import tqdm
-            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{self.config.epochs}", leave=False, unit="batch",
-                           total=len(self.loader))
-        for batch_index, (x, y) in enumerate(batches):
-            self.optimizer.zero_grad()
-            if cache is not None:                                # x: cached backbone features
-                logits = self.head(x)
-            elif frozen:
-                logits = self.head(self.backbone_features_of_batch(x))
-            else:
-                logits = self.model(x)
-            loss = float(self.criterion(logits, y))
-            if not math.isfinite(loss):
-                raise CovidCTError(
-                    f"training diverged at epoch {epoch + 1}, batch {batch_index + 1}: loss is {loss}; "
-                    f"the last good checkpoint is {self.run_dir / 'last.npz'}; try a lower --lr")
-            grad_logits = self.criterion.backward()
-            if frozen:
-                self.head.backward(grad_logits)                  # only the head learns
-            else:
-                self.model.backward(grad_logits)
-            self.optimizer.step()                                # skips parameters without a gradient
-            batch_correct = int((mc.as_numpy(logits).argmax(axis=1) == mc.as_numpy(y)).sum())
-            total_loss, correct, seen = total_loss + loss * len(y), correct + batch_correct, seen + len(y)
-            if self.config.progress:
-                batches.set_postfix(loss=f"{loss:.3f}", acc=f"{batch_correct / len(y):.2f}")
-        return {"train_loss": total_loss / seen, "train_accuracy": correct / seen}
-
-    def backbone_features_of_batch(self, x):
-        """A frozen backbone on one (normalised, augmented) batch: eval mode, nothing kept for backward."""
-        self.backbone.eval()                                     # BatchNorm uses its running statistics
-        features = self.backbone(x)
-        self.backbone.release_saved()
-        return features
-
-    def validate(self, epoch: int) -> tuple[dict, np.ndarray]:
-        cache = self.feature_cache if self.frozen(epoch) else None
-        if cache is not None:
-            self.head.eval()
-            scores = softmax(mc.as_numpy(self.head(cache[1])).astype(np.float64))[:, 1]
-            self.head.release_saved()
-        else:
-            scores = predict_proba(self.model, self.val_images, self.mean, self.std, device=self.config.device)
-        metrics = classification_metrics(self.val_labels, scores, 0.5)
-        eps = 1e-7
-        p_true = np.where(self.val_labels == 1, scores, 1 - scores)
-        val_loss = float(-np.mean(np.log(np.clip(p_true, eps, 1.0))))
-        return {"val_loss": val_loss, "val_accuracy": metrics["accuracy"], "val_auc": metrics["auc"],
-                "val_sensitivity": metrics["sensitivity"], "val_specificity": metrics["specificity"],
-                "val_balanced_accuracy": metrics["balanced_accuracy"]}, scores
+    def evaluate(self, epoch: int) -> dict:
+        scores = strategy_for(self, epoch, self.strategy).val_scores()
+        labels = self.data.val_labels
+        metrics = classification_metrics(labels, scores, 0.5)
+        p_true = np.clip(np.where(labels == 1, scores, 1 - scores), 1e-7, 1.0)
+        return {"val_loss": float(-np.mean(np.log(p_true))), "val_accuracy": metrics["accuracy"],
+                "val_auc": metrics["auc"], "val_sensitivity": metrics["sensitivity"],
+                "val_specificity": metrics["specificity"], "val_balanced_accuracy": metrics["balanced_accuracy"]}
 
     def selection_key(self, row: dict) -> list[float]:
-        """Larger is better; ties on the metric are broken by the lower validation loss."""
+        """Larger is better; ties on the metric are broken by the lower validation loss.
+        "last" keeps every new epoch (the validation data then only watches)."""
+        if self.config.select == "last":
+            return [row["epoch"], 0.0]
         value = -row["val_loss"] if self.config.select == "loss" else row[f"val_{self.config.select}"]
-        value = -math.inf if value is None or not math.isfinite(value) else value
+        value = -np.inf if value is None or not np.isfinite(value) else value
         return [value, -row["val_loss"]]
 
-    # -- the whole run --------------------------------------------------------------------
-    def fit(self) -> dict:
-        config = self.config
-        if self.is_root:
-            write_run_config(self.run_dir, config)
-        self.log(f"{len(self.train_images)} training / {len(self.val_images)} validation images at "
-                 f"{self.preprocess.size}x{self.preprocess.size}; model '{config.model}' with "
-                 f"{count_parameters(self.model):,} parameters; device {config.device}")
-        for epoch in range(self.start_epoch, config.epochs):
-            if self.stale_epochs >= config.patience:
-                self.log(f"early stop: no improvement in {config.patience} epochs")
-                break
-            self.optimizer.lr = learning_rate(config, epoch)
-            started = time.perf_counter()
-            row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.comm.average_metrics(self.train_epoch(epoch))}
-            self.comm.average_buffers(self.model)                # one set of BatchNorm statistics
-            val_row, _ = self.validate(epoch)
-            val_row = self.comm.broadcast_object(val_row)        # every rank takes rank 0's decisions
-            row.update(val_row, seconds=time.perf_counter() - started)
-            self.history.append(row)
-            key = self.selection_key(row)
-            improved = self.best_key is None or key > self.best_key
-            if improved:
-                self.best_key, self.stale_epochs = key, 0
-                if self.is_root:
-                    save_checkpoint(self.run_dir / "best.npz", self.model, self.metadata(epoch))
-            else:
-                self.stale_epochs += 1
-            if self.is_root:
-                save_checkpoint(self.run_dir / "last.npz", self.model, self.metadata(epoch), self.optimizer)
-                self.write_history()
-            self.log(f"epoch {epoch + 1:3d}/{config.epochs}  loss {row['train_loss']:.4f}  "
-                     f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f}  "
-                     f"acc {row['val_accuracy']:.3f}  AUC {_fmt(row['val_auc'])}  "
-                     f"sens {_fmt(row['val_sensitivity'])}  spec {_fmt(row['val_specificity'])}  "
-                     f"({row['seconds']:.1f}s){'  *' if improved else ''}")
-        return self.finish() if self.is_root else {"run_dir": str(self.run_dir)}
+    def describe(self) -> str:
+        return (f"{len(self.data.train_images)} training / {len(self.data.val_images)} validation images at "
+                f"{self.preprocess.size}x{self.preprocess.size}; model '{self.config.model}' with "
+                f"{count_parameters(self.model):,} parameters; device {self.config.device}")
+
+    def epoch_line(self, row: dict, improved: bool) -> str:
+        return (f"epoch {row['epoch']:3d}/{self.config.epochs}  loss {row['train_loss']:.4f}  "
+                f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f}  "
+                f"acc {row['val_accuracy']:.3f}  AUC {_fmt(row['val_auc'])}  "
+                f"sens {_fmt(row['val_sensitivity'])}  spec {_fmt(row['val_specificity'])}  "
+                f"({row['seconds']:.1f}s){'  *' if improved else ''}")
 
     def finish(self) -> dict:
         """Reload the best epoch, choose its threshold on val, write the evaluation files."""
         from .checkpoint import load_checkpoint
 
-        best_path = self.run_dir / "best.npz"
+        best_path, data = self.run_dir / "best.npz", self.data
         model, meta = load_checkpoint(best_path, self.config.device)
-        scores = predict_proba(model, self.val_images, self.mean, self.std, device=self.config.device)
-        threshold = choose_threshold(self.val_labels, scores, self.config.target_sensitivity)
-        metrics = write_evaluation(self.run_dir, self.val_labels, scores, self.val_paths, threshold,
+        scores = predict_proba(model, data.val_images, self.mean, self.std, device=self.config.device)
+        threshold = choose_threshold(data.val_labels, scores, self.config.target_sensitivity)
+        metrics = write_evaluation(self.run_dir, data.val_labels, scores, data.val_paths, threshold,
                                    title=f"validation, best epoch {meta['epoch'] + 1}")
         meta.update(threshold=threshold, metrics={"val": metrics["threshold"]})
         save_checkpoint(best_path, model, meta)
-        self.log(report_text(self.val_labels, scores, threshold, f"validation split, best epoch {meta['epoch'] + 1}"))
+        self.log(report_text(data.val_labels, scores, threshold, f"validation split, best epoch {meta['epoch'] + 1}"))
         return {"best_epoch": meta["epoch"] + 1, "threshold": threshold, "val": metrics["threshold"],
                 "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(self.run_dir)}
 
@@ -437,18 +443,24 @@ class Trainer:
 
         from .plots import plot_history
 
+        super().write_history()
         frame = pd.DataFrame(self.history)
-        frame.to_csv(self.run_dir / "history.csv", index=False)
         plot_history(frame[[c for c in frame.columns if c not in ("lr", "seconds")]], self.run_dir / "curves.png")
 
 
-def train(config: TrainConfig, resume: bool = False, log=print, comm=None) -> dict:
-    """Train (or resume) a run; returns the best epoch's validation summary (on rank 0 of ``comm``)."""
-    trainer = Trainer(config, log=log, comm=comm)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None) -> dict:
+    """Train (or resume) a run; returns the best epoch's validation summary (on rank 0 of ``comm``).
+
+    The run directory is locked first (by rank 0 of a distributed run), so a second writer is refused
+    before any work.
+    """
+    config.validate()                                   # a bad option leaves no run directory behind
+    with RunLock(config.out, log) if comm is None or comm.rank == 0 else contextlib.nullcontext():
+        trainer = Trainer(config, data=data, log=log, comm=comm)
+        if resume:
+            trainer.resume()
+        return trainer.fit()
 
 
 def _fmt(value) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"

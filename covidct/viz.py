@@ -458,3 +458,41 @@ def shortcut_markdown(result: dict) -> str:
                      f"{row['mean_p_covid_reencoded']:.3f} | {_pct(row['accuracy_reencoded'])} |")
     lines.append("")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ lung masks
+def lung_sheet(data_root, split: str | None = "train", path="lungs.png", n: int = 24, seed: int = 0,
+               cols: int = 6) -> tuple[Path, dict]:
+    """A contact sheet of n slices with their lung mask (red) and crop box (yellow), so a person can
+    check covidct.lungs on a dataset; slices that fall back to the whole slice are titled FALLBACK.
+    -> (path, {"shown": n, "fallbacks": k})."""
+    from .data import read_dataset
+    from .lungs import find_lungs
+    from .preprocess import _read_bytes, to_gray
+
+    dataset = read_dataset(data_root, split=split)
+    if n < 1:
+        raise CovidCTError(f"--n must be >= 1, got {n}")
+    pick = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
+    rows = math.ceil(len(pick) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False)
+    fallbacks = 0
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, index in zip(axes.ravel(), pick):
+        file = dataset.paths[index]
+        with Image.open(io.BytesIO(_read_bytes(file))) as image:
+            gray = to_gray(image)
+        lungs = find_lungs(gray)
+        fallbacks += not lungs.found
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        if lungs.found:
+            ax.contour(lungs.mask, [0.5], colors="red", linewidths=0.8)
+            top, bottom, left, right = lungs.box
+            ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                       edgecolor="yellow", linewidth=0.8))
+        name = Path(file).name
+        ax.set_title(f"{CLASS_NAMES[dataset.labels[index]]} {name[:16]}{'' if lungs.found else ' FALLBACK'}",
+                     fontsize=7, color="black" if lungs.found else "red")
+    fig.suptitle(f"lung masks (red) and crop boxes (yellow): {len(pick)} slices, {fallbacks} fallbacks", fontsize=10)
+    return _save(fig, path), {"shown": len(pick), "fallbacks": fallbacks}

@@ -1,6 +1,7 @@
 """Re-run the 2020 report's training rounds and print them beside its published numbers.
 
-    python examples/reproduce_report.py --data ../shared/covid-ct            # stand-in, ~10 min on 2 cores
+    python examples/reproduce_report.py --data ../shared/covid-ct --epochs 6  # the README's table, ~8 min on 2 cores
+    python examples/reproduce_report.py --data ../shared/covid-ct            # 12 epochs (the default), ~16 min
     python examples/reproduce_report.py --data ../shared/covid-ct --full     # the exact 224x224 CNNv3 (hours)
 
 The report trained its CNNv3 (two conv + three FC, ~194M parameters at 224x224) with
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from covidct.cli import cache_root  # noqa: E402
+from covidct.paths import image_cache_dir  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
 
 # The report's published test results (95 images: 28 COVID, 67 non-COVID).
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
                              image_size=None if args.full else 112, epochs=args.epochs, batch_size=12,
                              optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="none",
                              warmup_epochs=0, class_weights="none", augment=augment, patience=args.epochs,
-                             cache_dir=str(cache_root() / "images"), progress=not args.no_progress)
+                             cache_dir=image_cache_dir(), progress=not args.no_progress)
         summary = train(config, log=lambda *a: None if args.no_progress else print(*a))
         rows.append((name, augment, summary["val"], report))
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from covidct.cli import cache_root, run_reporting_errors, synthetic_dataset  # noqa: E402
+from covidct.cli import run_reporting_errors, synthetic_dataset  # noqa: E402
 from covidct.data import list_splits, read_dataset  # noqa: E402
 from covidct.errors import CovidCTError  # noqa: E402
+from covidct.paths import image_cache_dir  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
 
 SYNTHETIC_RECIPE = dict(epochs=40, lr=3e-3, patience=15)
@@ -46,7 +47,7 @@ def run(args) -> int:
         raise CovidCTError(f"--data {data}: no such file or directory")
     config = TrainConfig(data=data, seed=args.seed, device=args.device, progress=not args.no_progress,
                          out=args.out or f"runs/example-{'synthetic' if synthetic else Path(data).resolve().name}",
-                         cache_dir=str(cache_root() / "images"), **(SYNTHETIC_RECIPE if synthetic else {}))
+                         cache_dir=image_cache_dir(), **(SYNTHETIC_RECIPE if synthetic else {}))
     if args.epochs:
         config.epochs = args.epochs
     summary = train(config)
@@ -56,11 +57,15 @@ def run(args) -> int:
     checkpoint = Path(config.out) / "best.npz"
     if "test" in list_splits(data):
         print("\n### Test split (never used for training or selection)")
-        covidct(["evaluate", "--checkpoint", str(checkpoint), "--data", data, "--split", "test",
-                 "--out", str(Path(config.out) / "eval-test"), "--cache-dir", config.cache_dir])
+        status = covidct(["evaluate", "--checkpoint", str(checkpoint), "--data", data, "--split", "test",
+                          "--out", str(Path(config.out) / "eval-test"), "--cache-dir", config.cache_dir])
+        if status != 0:
+            return status                                 # covidct printed why
         test_paths = read_dataset(data, split="test").paths
         print("\n### Predictions for a few test images")
-        covidct(["predict", "--checkpoint", str(checkpoint), *map(str, test_paths[:2] + test_paths[-2:])])
+        status = covidct(["predict", "--checkpoint", str(checkpoint), *map(str, test_paths[:2] + test_paths[-2:])])
+        if status != 0:
+            return status
     else:
         print("\n(no test split in this dataset: the figures above are validation figures)")
     print(f"\nbest epoch {summary['best_epoch']}; run directory {config.out}/ holds best.npz, history.csv, "

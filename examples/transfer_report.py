@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from covidct.cli import cache_root  # noqa: E402
+from covidct.paths import image_cache_dir  # noqa: E402
 from covidct.metrics import bootstrap_ci, roc_auc  # noqa: E402
 from covidct.pretrain import PretrainConfig, pretrain  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    common = dict(data=args.data, seed=args.seed, cache_dir=str(cache_root() / "images"),
+    common = dict(data=args.data, seed=args.seed, cache_dir=image_cache_dir(),
                   progress=not args.no_progress)
     log = (lambda *a: None) if args.no_progress else print
 

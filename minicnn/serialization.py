@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def load(path) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable .npz checkpoint ({error})") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__   # a damaged .npy header
+        raise ValueError(f"{path}: not a readable .npz checkpoint ({reason})") from None
     metadata = {}
     if METADATA_KEY in arrays:
         try:

@@ -1,13 +1,9 @@
-"""Shared test helpers: the GPU skip rule and the shared-data location."""
+"""Shared test helpers: the GPU skip rule. (The real-data location is conftest_data.REAL_DATA.)"""
 import os
-from pathlib import Path
 
 import pytest
 
 from minicnn.backend import gpu_status
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_COVID_CT = Path(os.environ.get("COVIDCT_DATA", REPO_ROOT.parent / "shared" / "covid-ct"))
 
 
 def require_gpu():

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from covidct.synthetic import write_dataset
+from pictures import assert_picture
 
 
 def covidct(*args, cwd=None, env_extra=None):
@@ -44,8 +45,8 @@ def test_evaluate_writes_metrics_predictions_and_plots(trained, tmp_path):
     assert metrics["threshold"]["total"] == 6
     lines = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()
     assert lines[0] == "file,label,p_covid,predicted,predicted_name" and len(lines) == 7
-    assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000
-    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+    assert_picture(tmp_path / "eval" / "roc.png", (660, 660))
+    assert_picture(tmp_path / "eval" / "confusion.png", (600, 516))
 
 
 def test_predict_folder_recursively_and_report_unreadable_files(trained, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from covidct.synthetic import write_dataset
 from covidct.train import TrainConfig, train
+from pictures import assert_picture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,8 @@ def run(script, *args):
 
 
 def is_png(path):
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    assert_picture(path)                   # raises, naming the problem, if blank, tiny or not a PNG
+    return True
 
 
 def test_synthetic_vs_real_picture_without_real_data(tmp_path):

@@ -56,7 +56,7 @@ def test_frozen_backbone_caches_features_and_keeps_the_backbone_exact(data, tmp_
 
 def test_cached_features_train_the_head_like_the_uncached_path(data, tmp_path, monkeypatch):
     train(config(data, tmp_path / "cached", freeze_backbone=True), log=lambda *a: None)
-    monkeypatch.setattr(Trainer, "cached_features", lambda self, epoch: None)  # backbone forward every batch
+    monkeypatch.setattr(Trainer, "cache_features", False)                     # backbone forward every batch
     train(config(data, tmp_path / "uncached", freeze_backbone=True), log=lambda *a: None)
     cached, uncached = weights(tmp_path / "cached"), weights(tmp_path / "uncached")
     for key in cached:

@@ -19,12 +19,14 @@ from covidct.preprocess import Preprocess, load_image, to_gray
 from covidct.synthetic import make_slice, write_dataset
 from covidct.train import TrainConfig, train
 from covidct import viz
+from pictures import assert_picture
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def is_png(path):
-    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_SIGNATURE
+    assert_picture(path)                   # raises, naming the problem, if blank, tiny or not a PNG
+    return True
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,9 @@ from ..module import Module, Sequential
 #   x_normalised = (x - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# One gray channel made of the three (a CT slice fed to ImageNet weights): the channel statistics averaged.
+IMAGENET_GRAY_MEAN = round(sum(IMAGENET_MEAN) / 3, 6)      # 0.449
+IMAGENET_GRAY_STD = round(sum(IMAGENET_STD) / 3, 6)        # 0.226
 
 # The modules that run in order; ResNet.forward and .backward walk this list.
 BACKBONE = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "flatten")
@@ -153,6 +156,15 @@ def head_parameters(model: ResNet):
     return model.fc.parameters()
 
 
+def gray_filters(weight):
+    """RGB filters (F, 3, kh, kw) -> one gray filter each (F, 1, kh, kw): summed over the colour axis.
+
+    conv(gray, sum_c w[:, c]) = conv([gray, gray, gray], w), so a 1-channel model gives the
+    activations the 3-channel one gives for the gray image repeated into its channels.
+    """
+    return weight.sum(axis=1, keepdims=True)
+
+
 def to_grayscale_conv1(model: ResNet) -> Conv2d:
     """Turn a 3-channel conv1 into a 1-channel one by summing its weights over the RGB axis.
 
@@ -168,7 +180,7 @@ def to_grayscale_conv1(model: ResNet) -> Conv2d:
         return old
     conv = Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None,
                   rng=np.random.default_rng(0), dtype=old.weight.data.dtype)   # replaced below  # host-ok
-    conv.weight.data = old.weight.data.sum(axis=1, keepdims=True)          # stays on the model's device
+    conv.weight.data = gray_filters(old.weight.data)                       # stays on the model's device
     if old.bias is not None:
         conv.bias.data = old.bias.data.copy()
     conv.needs_input_grad = old.needs_input_grad

@@ -1,0 +1,257 @@
+"""k-fold cross-validation over train + val, with folds grouped by source.
+
+    source_group(path, label)                 -> the source a slice comes from
+    grouped_folds(labels, groups, k, seed)    -> fold number of every slice
+    cross_validate(config, folds=5, ...)      -> out-of-fold predictions, metrics, fold ensemble
+
+Why grouped: COVID-CT's slices were cut out of papers, often several from one
+paper (one patient, one scanner, one figure style). If slices of one source sat on
+both sides of a split, a model could recognise the source instead of the disease.
+The official test split keeps sources apart, so the folds do too:
+
+  COVID      ``2020.02.25.20021568-p23-108%2.png``  -> the preprint id before ``-p``
+  non-COVID  ``39%1.jpg``                            -> the number before ``%`` (one case)
+  non-COVID  ``1058.png``, ``1059.png``, ...          -> runs of consecutive numbers
+  anything else                                      -> the file name without extension
+
+Limits: the non-COVID sources are not published; consecutive numbers are a guess
+(neighbouring slices of one scan are numbered in a row) and may split one source in
+two or join two. Groups never mix classes, so folds are stratified by assigning the
+largest groups first to the fold that has the fewest slices of that class.
+
+The protocol of one run: every fold trains on the other k-1 folds (+ any
+``--extra-data``, training only) for a fixed number of epochs and keeps the LAST
+epoch (the held-out fold never picks an epoch or a threshold); its predictions on
+the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
+drawn R times (different seeds) and each slice's OOF probability is the mean over
+repeats. The decision threshold is chosen once on all OOF predictions (Youden's J,
+or the smallest threshold reaching --target-sensitivity) and reported per fold as
+mean +/- sd. The k fold models of the first repeat are saved as one ensemble
+checkpoint that evaluate and predict take like any other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CovidCTError
+from .metrics import bootstrap_ci, classification_metrics, roc_auc, roc_curve, threshold_for_sensitivity
+
+__all__ = ["source_group", "grouped_folds", "youden_threshold", "cross_validate", "format_cv_table"]
+
+
+# ------------------------------------------------------------------ groups and folds
+def source_group(path, label: int) -> str:
+    """The source of one slice, from its file name (rules in the module docstring)."""
+    stem = Path(path).stem
+    if label == 1 and "-p" in stem:
+        return "covid:" + stem.split("-p")[0]
+    if "%" in stem:
+        return f"{label}:" + stem.split("%")[0]
+    return f"{label}:{stem}"
+
+
+def _join_number_runs(groups: list[str]) -> list[str]:
+    """Plain-number names (``1058``) of one class joined into runs of consecutive numbers."""
+    numbered = sorted({g for g in groups if re.fullmatch(r"\d+:\d+", g)},
+                      key=lambda g: (g.split(":")[0], int(g.split(":")[1])))
+    run_of, previous, start = {}, None, None
+    for g in numbered:
+        cls, number = g.split(":")[0], int(g.split(":")[1])
+        if previous is None or previous[0] != cls or number != previous[1] + 1:
+            start = f"{cls}:run{number}"
+        run_of[g], previous = start, (cls, number)
+    return [run_of.get(g, g) for g in groups]
+
+
+def slice_groups(paths, labels) -> list[str]:
+    """source_group for every slice, with plain-number runs joined."""
+    return _join_number_runs([source_group(p, int(y)) for p, y in zip(paths, labels)])
+
+
+def grouped_folds(labels, groups, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number (0..k-1) per slice: whole groups per fold, class counts balanced across folds.
+
+    Groups are taken largest first (ties in a seeded random order) and each goes to the fold
+    with the fewest slices of its class so far (then the fewest slices overall).
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray(groups)
+    names, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    if k < 2 or k > len(names):
+        raise CovidCTError(f"--folds {k}: expected 2 to {len(names)} (the number of sources)")
+    group_class = np.array([np.bincount(labels[inverse == g]).argmax() for g in range(len(names))])
+    tiebreak = np.random.default_rng(seed).permutation(len(names))
+    order = np.lexsort((tiebreak, -sizes))
+    per_class = np.zeros((k, int(labels.max()) + 1), np.int64)
+    fold_of_group = np.empty(len(names), np.int64)
+    for g in order:
+        c = group_class[g]
+        fold = min(range(k), key=lambda f: (per_class[f, c], per_class[f].sum(), f))
+        fold_of_group[g] = fold
+        per_class[fold, c] += sizes[g]
+    return fold_of_group[inverse]
+
+
+# ------------------------------------------------------------------ thresholds
+def youden_threshold(labels, scores) -> float:
+    """The threshold that maximises sensitivity + specificity - 1 on these predictions."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    best = int(np.argmax(np.asarray(tpr) - np.asarray(fpr)))
+    return float(min(1.0, thresholds[best]))
+
+
+def choose_oof_threshold(labels, scores, target_sensitivity: float | None) -> tuple[float, str]:
+    if target_sensitivity is None:
+        return youden_threshold(labels, scores), "Youden's J on the out-of-fold predictions"
+    return (float(threshold_for_sensitivity(labels, scores, target_sensitivity)),
+            f"sensitivity >= {target_sensitivity:g} on the out-of-fold predictions")
+
+
+# ------------------------------------------------------------------ one fold
+def _train_fold(config, data, test_images, blas_threads: int | None):
+    """Train one fold (in this process or a worker) -> (P(COVID) on the held-out fold, best.npz path)."""
+    if blas_threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads)
+    from .checkpoint import load_checkpoint
+    from .evaluate import predict_proba
+    from .train import Trainer
+
+    lines = []
+    trainer = Trainer(config, data=data, log=lines.append)
+    trainer.fit()
+    model, meta = load_checkpoint(Path(config.out) / "best.npz", config.device)
+    scores = predict_proba(model, test_images, meta["normalization"]["mean"], meta["normalization"]["std"],
+                           device=config.device)
+    Path(config.out, "log.txt").write_text("\n".join(str(line) for line in lines) + "\n")
+    return scores, str(Path(config.out) / "best.npz")
+
+
+# ------------------------------------------------------------------ the whole run
+def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta: bool = False, log=print) -> dict:
+    """k-fold CV of one TrainConfig over its train + val splits (protocol in the module docstring).
+
+    Writes to config.out: oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>/, ensemble.npz.
+    Returns the cv.json dict.
+    """
+    from .ensemble import save_ensemble
+    from .train import TrainData, load_extra, load_split, model_config_for, preprocess_for, pretrain_on_extra
+
+    if repeats < 1 or jobs < 1:
+        raise CovidCTError(f"--repeats and --jobs must be >= 1, got {repeats} and {jobs}")
+    target = config.target_sensitivity                  # for the OOF threshold, not for the fold runs
+    config = replace(config, select="last", target_sensitivity=None, progress=False)
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    preprocess = preprocess_for(config, model_config_for(config))
+    parts = [load_split(config, split, preprocess, log=log) for split in (config.train_split, config.val_split)]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    paths = [path for p in parts for path in p[2]]
+    extra = load_extra(config, preprocess, log) if config.extra_data else None
+    if extra is not None and config.extra_mode == "pretrain":   # one start for every fold
+        config = replace(config, pretrained=pretrain_on_extra(config, extra, log), extra_data=())
+        extra = None
+    groups = slice_groups(paths, labels)
+    log(f"cross-validation: {len(images)} slices from {len(set(groups))} sources "
+        f"({int(labels.sum())} COVID), {folds} folds x {repeats} repeats"
+        + (f", + {len(extra[0])} extra training slices" if extra else ""))
+
+    tasks = []
+    fold_table = np.empty((repeats, len(images)), np.int64)
+    for repeat in range(repeats):
+        fold_table[repeat] = grouped_folds(labels, groups, folds, seed=config.seed + repeat)
+        for fold in range(folds):
+            train, test = fold_table[repeat] != fold, fold_table[repeat] == fold
+            train_images, train_labels = images[train], labels[train]
+            train_paths = [p for p, keep in zip(paths, train) if keep]
+            if extra is not None:
+                train_images = np.concatenate([train_images, extra[0]])
+                train_labels = np.concatenate([train_labels, extra[1]])
+                train_paths = train_paths + list(extra[2])
+            test_paths = [p for p, keep in zip(paths, test) if keep]
+            fold_config = replace(config, out=str(out / f"r{repeat}-fold{fold}"), seed=config.seed + 1000 * repeat + fold)
+            data = TrainData(train_images, train_labels, images[test], labels[test], train_paths, test_paths)
+            tasks.append((repeat, fold, fold_config, data, images[test]))
+
+    started = time.perf_counter()
+    oof = np.full((repeats, len(images)), np.nan)
+    members = [None] * folds
+    blas_threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    if jobs == 1:
+        results = (_train_fold(c, d, t, None) for _, _, c, d, t in tasks)
+    else:
+        pool = ProcessPoolExecutor(max_workers=jobs)
+        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads) for _, _, c, d, t in tasks]))
+    for (repeat, fold, _, _, _), (scores, checkpoint) in zip(tasks, results):
+        oof[repeat, fold_table[repeat] == fold] = scores
+        if repeat == 0:
+            members[fold] = checkpoint
+        fold_auc = roc_auc(labels[fold_table[repeat] == fold], scores)
+        log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}: held-out AUC {fold_auc:.3f} "
+            f"({time.perf_counter() - started:.0f}s so far)")
+    if jobs > 1:
+        pool.shutdown()
+
+    scores = oof.mean(axis=0)
+    threshold, rule = choose_oof_threshold(labels, scores, target)
+    result = summarize(labels, scores, oof, fold_table, threshold, rule)
+    result.update(config=asdict(config), folds=folds, repeats=repeats, tta=tta,
+                  n_sources=len(set(groups)), seconds=time.perf_counter() - started)
+    write_oof(out / "oof.csv", paths, labels, groups, fold_table, oof, scores)
+    save_ensemble(out / "ensemble.npz", members, threshold=threshold, tta=tta,
+                  info={"cv": {k: result[k] for k in ("pooled", "per_fold", "threshold", "threshold_rule")}})
+    (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (out / "cv.md").write_text(format_cv_table(result) + "\n")
+    return result
+
+
+def summarize(labels, scores, oof, fold_table, threshold: float, rule: str) -> dict:
+    """Pooled OOF metrics (+ bootstrap CI of the AUC) and per-fold mean +/- sd at one threshold."""
+    pooled = classification_metrics(labels, scores, threshold)
+    low, high = bootstrap_ci(labels, scores, roc_auc, n_boot=1000, seed=0)
+    per_fold = {name: [] for name in ("auc", "accuracy", "sensitivity", "specificity")}
+    for repeat in range(len(oof)):
+        for fold in np.unique(fold_table[repeat]):
+            held = fold_table[repeat] == fold
+            metrics = classification_metrics(labels[held], oof[repeat, held], threshold)
+            for name in per_fold:
+                per_fold[name].append(float(metrics[name]))
+    summary = {name: {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0,
+                      "values": v} for name, v in per_fold.items()}
+    return {"threshold": threshold, "threshold_rule": rule,
+            "pooled": {k: pooled[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy",
+                                               "tp", "tn", "fp", "fn")},
+            "pooled_auc_ci95": [low, high], "per_fold": summary}
+
+
+def write_oof(path: Path, paths, labels, groups, fold_table, oof, scores) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"file": paths, "label": labels, "source": groups, "p_covid": scores})
+    for repeat in range(len(oof)):
+        frame[f"fold_r{repeat}"] = fold_table[repeat]
+        frame[f"p_covid_r{repeat}"] = oof[repeat]
+    frame.to_csv(path, index=False)
+
+
+def format_cv_table(result: dict) -> str:
+    """cv.json as a small Markdown table (mean +/- sd over folds, pooled OOF with a CI)."""
+    fold, pooled = result["per_fold"], result["pooled"]
+    low, high = result["pooled_auc_ci95"]
+    lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats, "
+             f"{result.get('n_sources')} sources; threshold {result['threshold']:.3f} ({result['threshold_rule']})", "",
+             "| metric | per fold (mean +/- sd) | pooled out-of-fold |", "|---|---|---|",
+             f"| ROC AUC | {fold['auc']['mean']:.3f} +/- {fold['auc']['sd']:.3f} | {pooled['auc']:.3f} "
+             f"(95 % CI {low:.3f}-{high:.3f}) |"]
+    for name in ("accuracy", "sensitivity", "specificity"):
+        lines.append(f"| {name} | {fold[name]['mean']:.3f} +/- {fold[name]['sd']:.3f} | {pooled[name]:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""Cross-validation (covidct.cv) and fold ensembles (covidct.ensemble) on tiny phantom data."""
+import json
+
+import numpy as np
+import pytest
+
+from covidct.checkpoint import load_checkpoint
+from covidct.cv import cross_validate, grouped_folds, slice_groups, source_group, youden_threshold
+from covidct.ensemble import Ensemble
+from covidct.errors import CovidCTError
+from covidct.evaluate import predict_proba, softmax
+from covidct.synthetic import write_dataset
+from covidct.train import TrainConfig
+
+
+def test_source_groups_follow_the_file_name_rules():
+    assert source_group("x/2020.02.25.20021568-p23-108%2.png", 1) == "covid:2020.02.25.20021568"
+    assert source_group("x/2020.02.25.20021568-p24-111.png", 1) == "covid:2020.02.25.20021568"
+    assert source_group("x/39%1.jpg", 0) == "0:39"
+    paths = ["1058.png", "1059.png", "1060.png", "1070.png", "39%0.jpg", "39%2.jpg", "2020.1-p1.png"]
+    labels = [0, 0, 0, 0, 0, 0, 1]
+    groups = slice_groups(paths, labels)
+    assert groups[0] == groups[1] == groups[2] != groups[3]          # consecutive numbers: one run
+    assert groups[4] == groups[5] and len(set(groups)) == 4
+
+
+def test_folds_keep_groups_whole_and_classes_balanced():
+    rng = np.random.default_rng(0)
+    groups = [f"g{i}" for i in range(40) for _ in range(rng.integers(1, 6))]
+    labels = np.array([int(g[1:]) % 2 for g in groups])
+    folds = grouped_folds(labels, groups, k=5, seed=3)
+    for g in set(groups):
+        assert len({folds[i] for i, h in enumerate(groups) if h == g}) == 1
+    per_fold = np.array([[np.sum((folds == f) & (labels == c)) for c in (0, 1)] for f in range(5)])
+    assert per_fold.min() > 0 and (per_fold.max(axis=0) - per_fold.min(axis=0)).max() <= 6
+    assert np.array_equal(folds, grouped_folds(labels, groups, k=5, seed=3))
+    with pytest.raises(CovidCTError, match="--folds 50"):
+        grouped_folds(labels, groups, k=50)
+
+
+def test_youden_threshold_separates_separable_scores():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    threshold = youden_threshold(labels, scores)
+    assert 0.3 < threshold <= 0.6
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    data = write_dataset(root / "data", n=40, seed=4, size=32)
+    extra = write_dataset(root / "extra", n=16, seed=5, size=32)
+    config = TrainConfig(data=str(data), out=str(root / "run"), model="tiny", epochs=2, batch_size=8,
+                         cache_dir=str(root / "cache"), progress=False, lungs="crop",
+                         extra_data=(str(extra / "Images-processed"),))
+    logs = []
+    result = cross_validate(config, folds=3, repeats=2, log=logs.append)
+    return config, result, logs
+
+
+def test_cv_writes_out_of_fold_predictions_for_train_and_val_only(cv_run):
+    config, result, logs = cv_run
+    import pandas as pd
+
+    from pathlib import Path
+    run = Path(config.out)
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 34                                   # train 28 + val 6 of the 40; no extra, no test
+    assert not oof["file"].str.contains("extra").any()
+    assert oof["p_covid"].between(0, 1).all()
+    assert np.allclose(oof["p_covid"], (oof["p_covid_r0"] + oof["p_covid_r1"]) / 2)
+    saved = json.loads((run / "cv.json").read_text())
+    assert saved["folds"] == 3 and saved["repeats"] == 2 and len(saved["per_fold"]["auc"]["values"]) == 6
+    assert "ROC AUC" in (run / "cv.md").read_text()
+    assert any("+ 16 extra training slices" in line for line in logs)
+    fold_log = (run / "r0-fold0" / "history.csv").read_text()
+    assert fold_log.count("\n") == 3                       # header + 2 epochs: fixed epochs, last kept
+
+
+def test_the_fold_ensemble_averages_its_members(cv_run):
+    config, result, _ = cv_run
+    from pathlib import Path
+    run = Path(config.out)
+    ensemble, meta = load_checkpoint(run / "ensemble.npz")
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 3
+    assert meta["threshold"] == pytest.approx(result["threshold"])
+    assert meta["preprocess"]["lungs"] == "crop"
+    images = np.random.default_rng(0).random((5, 1, 32, 32), dtype=np.float32)
+    together = predict_proba(ensemble, images, meta["normalization"]["mean"], meta["normalization"]["std"])
+    alone = []
+    for fold in range(3):
+        model, member = load_checkpoint(run / f"r0-fold{fold}" / "best.npz")
+        alone.append(predict_proba(model, images, member["normalization"]["mean"], member["normalization"]["std"]))
+    assert np.allclose(together, np.mean(alone, axis=0), atol=1e-6)
+    ensemble.tta = True                                      # flip TTA: mirror images average in
+    mirrored = predict_proba(ensemble, images, 0.0, 1.0)
+    flipped = predict_proba(ensemble, images[..., ::-1].copy(), 0.0, 1.0)
+    assert np.allclose(mirrored, flipped, atol=1e-6) and not np.allclose(mirrored, together)
+    with pytest.raises(CovidCTError, match="inference only"):
+        ensemble.backward(np.zeros((5, 2), np.float32))
+
+
+def test_cv_is_deterministic_per_seed(cv_run, tmp_path):
+    config, result, _ = cv_run
+    from dataclasses import replace
+    again = cross_validate(replace(config, out=str(tmp_path / "again")), folds=3, repeats=2, log=lambda *_: None)
+    assert again["pooled"] == result["pooled"] and again["threshold"] == result["threshold"]
+
+
+def test_extra_data_pretrain_mode_trains_a_start_once(cv_run, tmp_path):
+    config, _, _ = cv_run
+    from dataclasses import replace
+    logs = []
+    cross_validate(replace(config, out=str(tmp_path / "pre"), extra_mode="pretrain", extra_epochs=1), folds=2,
+                   log=logs.append)
+    assert (tmp_path / "pre" / "pretrain-extra" / "best.npz").is_file()
+    assert any("pretraining on 16 extra slices" in line for line in logs)
+    fold_config = json.loads((tmp_path / "pre" / "r0-fold0" / "config.json").read_text())
+    assert fold_config["pretrained"].endswith("pretrain-extra/best.npz") and fold_config["extra_data"] == []
