@@ -105,7 +105,8 @@ def run_train(args, comm=None) -> int:
         from .distributed import root_first, use_device
         config = root_first(comm, lambda: run_config_from_args(TrainConfig, args))
         use_device(comm, config.device)
-    summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume), comm=comm))
+    ranks = {} if comm is None else {"comm": comm}                # a distributed run
+    summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume), **ranks))
     if summary is None:
         return 130
     if "best_epoch" in summary:                                  # rank 0 of a distributed run
