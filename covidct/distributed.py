@@ -3,10 +3,10 @@
     mpiexec -n 2 python -m covidct train --distributed --data ../shared/covid-ct --out runs/dp2
     mpiexec -n 8 python -m covidct train --distributed nccl --device gpu ...   # one GPU per rank
 
-What every rank does is in covidct.train.Trainer (sharded loader, averaged gradients, metrics
-reduced over ranks, rank-0-only files); this module starts the ranks' communicator and makes
-sure that an error on one rank stops all of them instead of leaving the rest blocked in an
-all-reduce. See docs/distributed.md.
+What every rank does is in covidct.train.Trainer (sharded loader, averaged gradients) and
+covidct.loop.EpochLoop.fit (metrics reduced over ranks, rank-0-only files); this module starts
+the ranks' communicator and makes sure that an error on one rank stops all of them instead of
+leaving the rest blocked in an all-reduce. See docs/distributed.md.
 """
 from __future__ import annotations
 
