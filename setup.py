@@ -27,5 +27,6 @@ setup(
         "dicom": ["pydicom>=2.4", "nibabel>=5.0"],
         "onnx": ["onnx>=1.14", "onnxruntime>=1.16"],
         "web": ["flask>=2.3"],
+        "mpi": ["mpi4py", "mpich"],     # data-parallel training; the mpich wheel brings mpiexec
     },
 )

@@ -93,15 +93,25 @@ def run_cv(args) -> int:
     return 0
 
 
-def run_train(args) -> int:
+def run_train(args, comm=None) -> int:
     from .train import TrainConfig, train
 
-    config = run_config_from_args(TrainConfig, args)
-    summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume)))
+    if getattr(args, "distributed", None) and comm is None:     # mpiexec -n N covidct train --distributed
+        from .distributed import run_on_ranks
+        return run_on_ranks(args.distributed, getattr(args, "device", None), lambda comm: run_train(args, comm))
+    if comm is None:
+        config = run_config_from_args(TrainConfig, args)
+    else:
+        from .distributed import root_first, use_device
+        config = root_first(comm, lambda: run_config_from_args(TrainConfig, args))
+        use_device(comm, config.device)
+    ranks = {} if comm is None else {"comm": comm}                # a distributed run
+    summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume), **ranks))
     if summary is None:
         return 130
-    print(f"best epoch {summary['best_epoch']}; checkpoint {config.out}/best.npz; "
-          f"plots and predictions in {config.out}/")
+    if "best_epoch" in summary:                                  # rank 0 of a distributed run
+        print(f"best epoch {summary['best_epoch']}; checkpoint {config.out}/best.npz; "
+              f"plots and predictions in {config.out}/")
     return 0
 
 
@@ -269,7 +279,8 @@ def run_describe(args) -> int:
 EXAMPLES = {
     "train": "examples:\n  covidct train                                   # synthetic phantom data\n"
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
-             "  covidct train --resume runs/default-covid-ct",
+             "  covidct train --resume runs/default-covid-ct\n"
+             "  mpiexec -n 2 covidct train --distributed --data ../shared/covid-ct   # 2 processes",
     "cv": "examples:\n  covidct cv --data ../shared/covid-ct --folds 5 --lungs crop --jobs 2\n"
           "  covidct evaluate --checkpoint runs/cv-default-covid-ct/ensemble.npz --data ../shared/covid-ct --split val",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
@@ -310,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .pretrain import PretrainConfig
     from .train import TrainConfig
 
-    add_run_arguments(command("train", "train a classifier; keeps the best epoch by validation AUC"), TrainConfig)
+    train = command("train", "train a classifier; keeps the best epoch by validation AUC")
+    add_run_arguments(train, TrainConfig)
+    train.add_argument("--distributed", nargs="?", const="mpi", default=None, choices=["mpi", "nccl"],
+                       help="data-parallel over the ranks of 'mpiexec -n N': gradients averaged over MPI "
+                            "(default) or NCCL (--device gpu, one GPU per rank); --batch-size is the global batch")
     add_run_arguments(command("pretrain", "self-supervised pretraining (rotation prediction) on the "
                               "training images, for covidct train --pretrained"), PretrainConfig)
     add_cv_arguments(command("cv", "k-fold cross-validation over train + val (folds grouped by source): "

@@ -87,7 +87,7 @@ class CachedFeatures(FrozenBackbone):
         labels = mc.to_device(t.data.train_labels.astype(np.int64), t.config.device)
         xp = mc.get_array_module(self.train_features)
         for batch in range(len(t.loader)):
-            index = xp.asarray(order[batch * t.config.batch_size:(batch + 1) * t.config.batch_size])
+            index = xp.asarray(order[batch * t.loader.batch_size:(batch + 1) * t.loader.batch_size])
             yield self.train_features[index], labels[index]
 
     def forward(self, x):

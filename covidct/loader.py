@@ -13,6 +13,11 @@ run therefore sees exactly the batches an uninterrupted run would, and a
 background prefetch thread gives the same batches as no thread.
 
 Pass `augment` for the training loader only; evaluation loaders use shuffle=False.
+
+Data-parallel training (covidct train --distributed): ``shard=(rank, size)`` gives rank r the
+samples order[r::size] of the shared epoch order, cut to n // size so every rank runs the same
+number of batches; with batch_size = global batch / size, step b of all ranks together covers
+exactly the single-process batch b. Augmentation draws from default_rng([seed, e, 1, b, rank]).
 """
 from __future__ import annotations
 
@@ -41,10 +46,12 @@ class DataLoader:
     device:     "cpu" or "gpu" (batches moved with minicnn.backend.to_device)
     prefetch:   prepare the next batch in a background thread (same results either way)
     normalize:  (mean, std) applied after augmentation, or None
+    shard:      (rank, size): iterate only this rank's share of every epoch (see the module docstring)
     """
 
     def __init__(self, images, labels, batch_size: int = 32, shuffle: bool = True, drop_last: bool = False,
-                 seed: int = 0, augment=None, device: str = "cpu", prefetch: bool = True, normalize=None):
+                 seed: int = 0, augment=None, device: str = "cpu", prefetch: bool = True, normalize=None,
+                 shard: tuple[int, int] = (0, 1)):
         images = np.asarray(images)
         labels = np.asarray(labels)
         if images.ndim != 4:
@@ -53,10 +60,16 @@ class DataLoader:
             raise DataError(f"DataLoader: labels must be ({len(images)},) to match the images, got {labels.shape}")
         if len(images) == 0:
             raise DataError("DataLoader: no images (empty dataset)")
+        rank, size = (int(v) for v in shard)
+        if not 0 <= rank < size or len(images) < size:
+            raise DataError(f"DataLoader: shard={shard!r} of {len(images)} images, expected (rank, size) "
+                            f"with 0 <= rank < size <= number of images")
+        self.rank, self.size = rank, size
+        self.count = len(images) // size                  # samples per shard (all of them when size == 1)
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
             raise DataError(f"DataLoader: batch_size={batch_size!r}, expected a positive integer")
-        if drop_last and len(images) < batch_size:
-            raise DataError(f"DataLoader: drop_last with {len(images)} images < batch_size={batch_size} "
+        if drop_last and len(images) // size < batch_size:
+            raise DataError(f"DataLoader: drop_last with {len(images) // size} images < batch_size={batch_size} "
                             f"gives no batches")
         if device not in ("cpu", "gpu"):
             raise DataError(f"DataLoader: device={device!r}, expected 'cpu' or 'gpu'")
@@ -76,7 +89,7 @@ class DataLoader:
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        n = len(self.images)
+        n = self.count
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,11 +97,10 @@ class DataLoader:
         self.epoch = int(epoch)
 
     def order(self, epoch: int) -> np.ndarray:
-        """Sample indices in the order epoch `epoch` visits them."""
+        """Sample indices in the order epoch `epoch` visits them (this rank's share of them)."""
         n = len(self.images)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch, 0]).permutation(n)
+        order = np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle else np.arange(n)
+        return order[self.rank::self.size][:self.count] if self.size > 1 else order
 
     def make_batch(self, epoch: int, index: int, order=None):
         """Batch `index` of epoch `epoch` as host arrays (x float32, y int64)."""
@@ -97,7 +109,8 @@ class DataLoader:
         x = self.images[chosen]                           # fancy indexing copies
         y = self.labels[chosen]
         if self.augment is not None:
-            x = self.augment(x, np.random.default_rng([self.seed, epoch, 1, index]))
+            key = [self.seed, epoch, 1, index] + ([self.rank] if self.size > 1 else [])
+            x = self.augment(x, np.random.default_rng(key))
         if self.normalize is not None:
             mean, std = self.normalize
             x = (x - np.float32(mean)) / np.float32(std)

@@ -30,6 +30,7 @@ Cross-validation folds, ensembles and distributed training build on this loop
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -80,6 +81,11 @@ class EpochLoop:
     task = "covid"                      # checkpoint task (covidct.checkpoint.TASK_*)
     config_key = "train_config"         # metadata key holding the config
     train_columns = ("train_loss", "train_accuracy")
+    comm = mc.distributed.SingleProcessCommunicator()   # data-parallel ranks (covidct.distributed); rank 0 writes
+
+    @property
+    def is_root(self) -> bool:
+        return self.comm.rank == 0
 
     def init_loop(self) -> None:
         self.history: list[dict] = []
@@ -190,8 +196,9 @@ class EpochLoop:
     # -- the whole run -----------------------------------------------------------------------
     def fit(self):
         config = self.config
-        with RunLock(self.run_dir, self.log):
-            write_run_config(self.run_dir, config)
+        with RunLock(self.run_dir, self.log) if self.is_root else contextlib.nullcontext():
+            if self.is_root:
+                write_run_config(self.run_dir, config)
             self.log(self.describe())
             patience = getattr(config, "patience", None)
             for epoch in range(self.start_epoch, config.epochs):
@@ -200,21 +207,25 @@ class EpochLoop:
                     break
                 self.optimizer.lr = learning_rate(config, epoch)
                 started = time.perf_counter()
-                row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.train_epoch(epoch)}
-                row.update(self.evaluate(epoch), seconds=time.perf_counter() - started)
+                row = {"epoch": epoch + 1, "lr": self.optimizer.lr, **self.comm.average_metrics(self.train_epoch(epoch))}
+                self.comm.average_buffers(self.model)            # one set of BatchNorm statistics
+                evaluation = self.comm.broadcast_object(self.evaluate(epoch))   # every rank decides as rank 0
+                row.update(evaluation, seconds=time.perf_counter() - started)
                 self.history.append(row)
                 key = self.selection_key(row)
                 improved = key is not None and (self.best_key is None or key > self.best_key)
                 if improved:
                     self.best_key, self.stale_epochs = key, 0
-                    save_checkpoint(self.run_dir / "best.npz", self.model, self.checkpoint_metadata(epoch))
+                    if self.is_root:
+                        save_checkpoint(self.run_dir / "best.npz", self.model, self.checkpoint_metadata(epoch))
                 elif key is not None:
                     self.stale_epochs += 1
-                save_checkpoint(self.run_dir / "last.npz", self.model, self.checkpoint_metadata(epoch),
-                                self.optimizer)
-                self.write_history()
+                if self.is_root:
+                    save_checkpoint(self.run_dir / "last.npz", self.model, self.checkpoint_metadata(epoch),
+                                    self.optimizer)
+                    self.write_history()
                 self.log(self.epoch_line(row, improved))
-            return self.finish()
+            return self.finish() if self.is_root else {"run_dir": str(self.run_dir)}
 
     def write_history(self) -> None:
         import pandas as pd

@@ -22,6 +22,7 @@ train on arrays they already hold:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -330,8 +331,15 @@ class Trainer(EpochLoop):
     command, task, config_key = "train", TASK_COVID, "train_config"
     cache_features = True        # frozen backbone without augmentation: compute its features once
 
-    def __init__(self, config: TrainConfig, data: TrainData | None = None, log=print):
+    def __init__(self, config: TrainConfig, data: TrainData | None = None, log=print, comm=None):
         config.validate()
+        # data-parallel ranks (covidct train --distributed; docs/distributed.md): rank 0 alone logs and writes
+        self.comm = comm or self.comm
+        if not self.is_root:
+            log, config.progress = (lambda *args, **kwargs: None), False
+        if config.batch_size % self.comm.size:
+            raise CovidCTError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of "
+                               f"the number of ranks, {self.comm.size}")
         self.config, self.log = config, log
         self.run_dir = Path(config.out)
         self.model_config = model_config_for(config)
@@ -358,9 +366,12 @@ class Trainer(EpochLoop):
         self.optimizer = make_optimizer(config, [
             {"params": self.backbone.parameters(), "lr_scale": config.backbone_lr_scale},
             {"params": self.head.parameters()}])
+        if self.comm.size > 1:                                   # average gradients over the ranks
+            self.optimizer = mc.distributed.DataParallelOptimizer(self.optimizer, self.comm)
         self.criterion = mc.SoftmaxCrossEntropy(class_weights(config.class_weights, data.train_labels))
         self.augment = parse_augment(config.augment)
-        self.loader = DataLoader(data.train_images, data.train_labels, config.batch_size, shuffle=True,
+        self.loader = DataLoader(data.train_images, data.train_labels, config.batch_size // self.comm.size,
+                                 shuffle=True, shard=(self.comm.rank, self.comm.size),
                                  drop_last=len(data.train_images) > config.batch_size, seed=config.seed,
                                  augment=self.augment, device=config.device, normalize=(self.mean, self.std))
         self.strategy = None         # covidct.frozen: which part learns, and on what
@@ -439,14 +450,15 @@ class Trainer(EpochLoop):
         plot_history(frame[[c for c in frame.columns if c not in ("lr", "seconds")]], self.run_dir / "curves.png")
 
 
-def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None) -> dict:
-    """Train (or resume) a run; returns the best epoch's validation summary.
+def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None) -> dict:
+    """Train (or resume) a run; returns the best epoch's validation summary (on rank 0 of ``comm``).
 
-    The run directory is locked first, so a second writer is refused before any work.
+    The run directory is locked first (by rank 0 of a distributed run), so a second writer is refused
+    before any work.
     """
     config.validate()                                   # a bad option leaves no run directory behind
-    with RunLock(config.out, log):
-        trainer = Trainer(config, data=data, log=log)
+    with RunLock(config.out, log) if comm is None or comm.rank == 0 else contextlib.nullcontext():
+        trainer = Trainer(config, data=data, log=log, comm=comm)
         if resume:
             trainer.resume()
         return trainer.fit()

@@ -24,3 +24,8 @@ from .layers import BasicBlock
 from . import models, torch_load
 
 __all__ += ["BasicBlock", "models", "torch_load"]
+
+# Data-parallel training (mpi4py and CuPy's NCCL are imported only when a communicator needs them).
+from . import distributed
+
+__all__ += ["distributed"]
