@@ -127,7 +127,7 @@ class Communicator:
         if self.size == 1:
             return [value if hasattr(value, "shape") else float(value) for value in values]
         started = time.perf_counter()
-        arrays = [value if hasattr(value, "shape") else np.asarray(value, dtype=np.float64) for value in values]
+        arrays = [value if hasattr(value, "shape") else np.asarray(value, dtype=np.float64) for value in values]  # host-ok
         result = list(arrays)
         for indices in _groups(arrays).values():
             flat, shapes = flatten([arrays[i] for i in indices])

@@ -2,7 +2,8 @@
 
 The layer files hold the readable version of each computation (one xp path that
 also runs on CuPy). For NumPy arrays they call the functions here instead, which
-compute the same thing in a way that suits a CPU with a few cores:
+compute the same thing in a way that suits a CPU with a few cores (every array
+here is a host NumPy array, see use_fast_path: the `# host-ok` marks say so):
 
 * **Batch chunks.** The batch is cut into chunks of a few images. Each chunk's
   im2col buffer, pooling temporaries and gradient pieces are a few MiB, so they
@@ -201,7 +202,7 @@ def scratch(name: str, shape, dtype) -> np.ndarray:
     size = math.prod(shape)
     flat = buffers.get(key)
     if flat is None or flat.size < size:
-        buffers[key] = flat = np.empty(size, dtype)
+        buffers[key] = flat = np.empty(size, dtype)  # host-ok
     return flat[:size].reshape(shape)
 
 
@@ -263,14 +264,14 @@ def conv2d_forward(layer, x, out_hw):
     f, (kh, kw), (oh, ow) = layer.out_channels, layer.kernel_size, out_hw
     weight = layer.weight.data.reshape(f, -1)                                # (F, K)
     bias = None if layer.bias is None else layer.bias.data[:, None]
-    out = np.empty((f, n, oh, ow), dtype=x.dtype)
+    out = np.empty((f, n, oh, ow), dtype=x.dtype)  # host-ok
     chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize, oh * ow)
 
     def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
         col = _im2col_chunk(layer, x[start:stop], out_hw)             # (K, b*OH*OW)
         rows = out[:, start:stop].reshape(f, -1)                             # a view: (F, b*OH*OW)
-        np.matmul(weight, col, out=rows)
+        np.matmul(weight, col, out=rows)  # host-ok
         if bias is not None:
             rows += bias
 
@@ -296,7 +297,7 @@ def conv2d_backward(layer, x, grad_output):
     count = math.ceil(n / chunk)
     grad_by_filter = _filters_first(grad_output, chunk)                     # (F, N, OH, OW) contiguous
     grad_weights = [None] * count
-    grad_x = np.empty(x.shape, dtype=x.dtype) if layer.needs_input_grad else None
+    grad_x = np.empty(x.shape, dtype=x.dtype) if layer.needs_input_grad else None  # host-ok
     large = f * weight.shape[1] >= 2 ** 18                                   # see Conv2d.backward
 
     def work(index):
@@ -305,7 +306,7 @@ def conv2d_backward(layer, x, grad_output):
         grad = grad_by_filter[:, start:stop].reshape(f, -1)                  # a view: (F, b*OH*OW)
         grad_weights[index] = grad @ col.T if large else (col @ grad.T).T
         if grad_x is not None:
-            np.matmul(weight.T, grad, out=col)                               # dL/dcol over col
+            np.matmul(weight.T, grad, out=col)                               # dL/dcol over col  # host-ok
             _col2im_chunk(layer, col.reshape(c, kh, kw, stop - start, oh, ow), grad_x[start:stop])
 
     parallel_chunks(count, work, uses_blas=True)
@@ -320,7 +321,7 @@ def _filters_first(grad_output, chunk):
     by_filter = grad_output.transpose(1, 0, 2, 3)
     if by_filter.flags.c_contiguous:                                         # it came from the fast forward
         return by_filter
-    out = np.empty(by_filter.shape, dtype=grad_output.dtype)
+    out = np.empty(by_filter.shape, dtype=grad_output.dtype)  # host-ok
     n = grad_output.shape[0]
 
     def work(index):
@@ -350,9 +351,9 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
     """
     n, c = x.shape[:2]
     (kh, kw), (sy, sx), (oh, ow) = layer.kernel_size, layer.stride, out_hw
-    out = np.empty((n, c, oh, ow), dtype=x.dtype)
+    out = np.empty((n, c, oh, ow), dtype=x.dtype)  # host-ok
     argmax_dtype = np.uint8 if kh * kw < 256 else np.int32
-    argmax = np.empty(out.shape, dtype=argmax_dtype) if keep_argmax else None
+    argmax = np.empty(out.shape, dtype=argmax_dtype) if keep_argmax else None  # host-ok
     chunk = images_per_chunk(n, x[0].size * x.itemsize)
 
     def work(index):
@@ -363,7 +364,7 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
         best[...] = views[0]
         if argmax is None:                                   # no_grad: the running max only
             for view in views[1:]:
-                np.maximum(best, view, out=best)
+                np.maximum(best, view, out=best)  # host-ok
         else:
             winner = argmax[start:stop]
             winner.fill(0)
@@ -375,14 +376,14 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
                 window[...] = view
                 np.greater(window, best, out=better)
                 np.multiply(better, argmax_dtype(offset), out=candidate)
-                np.maximum(winner, candidate, out=winner)
-                np.maximum(best, window, out=best)
+                np.maximum(winner, candidate, out=winner)  # host-ok
+                np.maximum(best, window, out=best)  # host-ok
             if relu:
                 np.less_equal(best, 0, out=better)
                 np.multiply(better, argmax_dtype(no_winner), out=candidate)
-                np.maximum(winner, candidate, out=winner)
+                np.maximum(winner, candidate, out=winner)  # host-ok
         if relu:
-            np.maximum(best, 0, out=best)
+            np.maximum(best, 0, out=best)  # host-ok
 
     parallel_chunks(math.ceil(n / chunk), work)
     return out, argmax
@@ -393,7 +394,7 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
     n, c, h, w = x_shape
     (kh, kw), (sy, sx), (py, px) = layer.kernel_size, layer.stride, layer.padding
     oh, ow = grad_output.shape[2:]
-    grad_x = np.empty(x_shape, dtype=grad_output.dtype)
+    grad_x = np.empty(x_shape, dtype=grad_output.dtype)  # host-ok
     overlapping = sy < kh or sx < kw
     covers_all = not overlapping and sy * oh == h + 2 * py and sx * ow == w + 2 * px
     chunk = images_per_chunk(n, c * h * w * grad_output.itemsize)
@@ -436,7 +437,7 @@ def relu_forward(x, *, inplace: bool, keep_mask: bool):
     mask = np.empty_like(x, dtype=bool) if keep_mask else None
 
     def part(where):
-        np.maximum(x[where], 0, out=out[where])
+        np.maximum(x[where], 0, out=out[where])  # host-ok
         if mask is not None:
             np.greater(out[where], 0, out=mask[where])
 
@@ -450,7 +451,7 @@ def relu_forward(x, *, inplace: bool, keep_mask: bool):
 
 def multiply(a, b):
     """a * b for NumPy arrays of the same shape (ReLU's backward), split over axis 0."""
-    out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=np.result_type(a, b))
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=np.result_type(a, b))  # host-ok
     if out.ndim == 0 or out.nbytes < SMALL_BYTES or a.shape != b.shape:
         np.multiply(a, b, out=out)
         return out
