@@ -92,3 +92,17 @@ def test_preprocess_refuses_bad_lung_settings(bad):
     from covidct.errors import DataError
     with pytest.raises(DataError, match=list(bad)[0]):
         Preprocess(**bad)
+
+
+def test_viz_lungs_draws_a_contact_sheet_with_red_masks(tmp_path, capsys):
+    from covidct.cli import main
+    from pictures import assert_picture
+
+    data = write_dataset(tmp_path / "data", n=12, seed=6, size=64)
+    out = tmp_path / "lungs.png"
+    assert main(["viz", "lungs", "--data", str(data), "--out", str(out), "--n", "6"]) == 0
+    assert "of 6 slices fall back" in capsys.readouterr().out
+    pixels = assert_picture(out, size=(2.6 * 6 * 100, 2.4 * 100), tolerance=0.4).astype(int)
+    red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    assert red.sum() > 100                                 # the mask outlines are drawn
+    assert main(["viz", "lungs", "--data", str(data), "--out", str(out), "--n", "0"]) == 2
