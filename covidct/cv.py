@@ -119,8 +119,14 @@ def choose_oof_threshold(labels, scores, target_sensitivity: float | None) -> tu
 def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool = False):
     """Train one fold (in this process or a worker) -> (P(COVID) on the held-out fold, best.npz path).
     tta: the held-out probability is the mean over the slice and its left-right mirror image."""
-    if blas_threads:
-        os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads)
+    if blas_threads:                                     # a worker shares the cores with the others
+        from minicnn import fast
+        fast.set_num_threads(blas_threads)
+        try:
+            from threadpoolctl import threadpool_limits   # BLAS was loaded before the fork: limit it live
+            threadpool_limits(blas_threads)
+        except ImportError:
+            pass
     from .checkpoint import load_checkpoint
     from .evaluate import predict_proba
     from .train import Trainer

@@ -117,3 +117,14 @@ def test_extra_data_pretrain_mode_trains_a_start_once(cv_run, tmp_path):
     assert any("pretraining on 16 extra slices" in line for line in logs)
     fold_config = json.loads((tmp_path / "pre" / "r0-fold0" / "config.json").read_text())
     assert fold_config["pretrained"].endswith("pretrain-extra/best.npz") and fold_config["extra_data"] == []
+
+
+def test_folds_in_worker_processes_give_the_same_predictions(cv_run, tmp_path):
+    config, _, _ = cv_run
+    from dataclasses import replace
+    one = cross_validate(replace(config, out=str(tmp_path / "one"), extra_data=()), folds=2, log=lambda *_: None)
+    two = cross_validate(replace(config, out=str(tmp_path / "two"), extra_data=()), folds=2, jobs=2,
+                         log=lambda *_: None)
+    assert two["pooled"] == one["pooled"] and two["per_fold"] == one["per_fold"]
+    with pytest.raises(CovidCTError, match="--jobs"):
+        cross_validate(config, folds=2, jobs=0)
