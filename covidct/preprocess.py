@@ -228,6 +228,18 @@ def _check_finite(image: Image.Image, path: str) -> None:
 def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int], bool]:
     """File bytes -> ((1, size, size) float32, content (h, w) after resize, lungs found), or DataError
     naming `path`. "lungs found" is True unless pre.lungs asked for a crop and the mask was implausible."""
+    gray = _gray_from_bytes(data, path)
+    with _decode_budget.hold(gray.size):
+        return prepare_gray(gray, pre)
+
+
+def read_gray(path) -> np.ndarray:
+    """One image file -> its whole slice as float32 (h, w) in [0, 1], before any crop or resize."""
+    return _gray_from_bytes(_read_bytes(str(path)), str(path))
+
+
+def _gray_from_bytes(data: bytes, path: str) -> np.ndarray:
+    """File bytes -> float32 (h, w) in [0, 1] (the to_gray rule), or DataError naming `path`."""
     if len(data) == 0:
         raise DataError(f"{path}: empty file (0 bytes), not an image")
     try:
@@ -254,8 +266,7 @@ def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, 
         raise DataError(f"{path}: corrupt or truncated image ({reason})") from error
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise DataError(f"{path}: zero-size image ({gray.shape})")
-    with _decode_budget.hold(gray.size):
-        return prepare_gray(gray, pre)
+    return gray
 
 
 def prepare_gray(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int], bool]:
@@ -277,15 +288,13 @@ def _cut_to_lungs(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, bool]:
     return crop_to_lungs(gray, lungs, pre.lung_margin, blank_outside=pre.lungs == "mask"), lungs.found
 
 
-def lung_mask_of_input(path, pre: Preprocess) -> np.ndarray | None:
-    """The lung fields of an image file, in the geometry of its model input: bool (size, size), or
-    None where the mask is implausible. The mask is found on the whole slice (covidct.lungs) and
-    then cut and resized exactly as the image is, so it stays right for lung-cropped inputs."""
+def input_lung_mask(gray: np.ndarray, pre: Preprocess) -> np.ndarray | None:
+    """The lung fields of a whole gray slice (h, w) in the geometry of its model input: bool
+    (size, size), or None where the mask is implausible. The mask is found on the whole slice
+    (covidct.lungs) and then cut and resized exactly as the image is (prepare_gray), so it stays
+    right for lung-cropped inputs."""
     from .lungs import crop_to_lungs, find_lungs
 
-    path = str(path)
-    with Image.open(io.BytesIO(_read_bytes(path))) as image:
-        gray = to_gray(image)
     lungs = find_lungs(gray)
     if not lungs.found:
         return None

@@ -8,7 +8,7 @@ The page takes one slice (PNG, JPEG or a single-slice DICOM, picked or dropped) 
   * the slice as the network sees it (after the checkpoint's preprocessing; DICOM through
     the CT window first);
   * the Grad-CAM heatmap for the COVID logit over the slice (``covidct.gradcam``);
-  * the lung-field mask (``covidct.lungs`` where present, else ``covidct.gradcam.lung_mask``)
+  * the lung-field mask (``covidct.lungs``, cut and resized like the model input)
     and the share of the Grad-CAM mass inside it;
   * the first conv layer's feature maps, one tile per filter.
 
@@ -34,7 +34,7 @@ import minicnn as mc
 from . import CLASS_NAMES
 from .checkpoint import load_checkpoint
 from .errors import CovidCTError, DataError
-from .preprocess import Preprocess, load_image, normalize
+from .preprocess import Preprocess, input_lung_mask, load_image, normalize, read_gray
 
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
 KINDS = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
@@ -49,18 +49,6 @@ def sniff(data: bytes, filename: str = "") -> str:
     if data[128:132] == b"DICM" or filename.lower().endswith(".dcm"):
         return "dicom"
     raise DataError(f"{filename or 'upload'}: not a PNG, JPEG or DICOM file (by its first bytes)")
-
-
-def lung_mask_of(gray: np.ndarray) -> np.ndarray:
-    """bool (H, W) lung fields of a slice in [0, 1]: covidct.lungs.find_lungs where that module exists
-    (empty when its mask is implausible), else the Grad-CAM module's rough mask."""
-    try:
-        from .lungs import find_lungs
-    except ImportError:                               # older covidct: the heuristic next to Grad-CAM
-        from .gradcam import lung_mask
-        return lung_mask(gray)
-    lungs = find_lungs(gray)
-    return lungs.mask if lungs.found else np.zeros(gray.shape, bool)
 
 
 # ------------------------------------------------------------------ pictures as data URIs
@@ -128,20 +116,21 @@ class ServedModel:
         self.mean, self.std = self.meta["normalization"]["mean"], self.meta["normalization"]["std"]
 
 
-def decode_upload(served: ServedModel, data: bytes, filename: str) -> tuple[np.ndarray, str]:
-    """Upload bytes -> ((1, size, size) in [0, 1], kind), through a private temporary folder."""
+def decode_upload(served: ServedModel, data: bytes, filename: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Upload bytes -> (the model input (1, size, size) in [0, 1], the whole gray slice (h, w), kind),
+    through a private temporary folder."""
     from .scan import read_dicom_bytes, slice_input, window_from_metadata
 
     kind = sniff(data, filename)
     name = Path(filename or "upload").name or "upload"
     if kind == "dicom":
-        hu = read_dicom_bytes(data, name)
-        return slice_input(window_from_metadata(served.meta).apply(hu), served.preprocess), kind
+        gray = window_from_metadata(served.meta).apply(read_dicom_bytes(data, name))
+        return slice_input(gray, served.preprocess), gray, kind
     with tempfile.TemporaryDirectory(prefix="covidct-serve-") as folder:
         path = Path(folder) / ("upload" + KINDS[kind])           # never the client's file name as a path
         path.write_bytes(data)
         try:
-            return load_image(path, served.preprocess), kind
+            return load_image(path, served.preprocess), read_gray(path), kind
         except DataError as error:
             raise DataError(str(error).replace(str(path), name)) from None
 
@@ -150,7 +139,7 @@ def analyse_upload(served: ServedModel, data: bytes, filename: str = "upload") -
     """The page's JSON for one uploaded slice: P(COVID), label, threshold and four pictures."""
     from .gradcam import gradcam, mass_inside
 
-    image, kind = decode_upload(served, data, filename)
+    image, whole_slice, kind = decode_upload(served, data, filename)
     x = mc.to_device(normalize(image[None], served.mean, served.std), served.device)
     with served.lock:
         heatmap, logits = gradcam(served.model, x, target_class=1, return_logits=True)
@@ -160,7 +149,8 @@ def analyse_upload(served: ServedModel, data: bytes, filename: str = "upload") -
     shifted = np.exp(logits[0] - logits[0].max())
     p_covid = float(shifted[1] / shifted.sum())
     gray = image[0]
-    mask = lung_mask_of(gray)
+    mask = input_lung_mask(whole_slice, served.preprocess)                # cut and resized like the input
+    mask = np.zeros(gray.shape, bool) if mask is None else mask
     inside = mass_inside(heatmap[0], mask) if mask.any() else float("nan")
     return {
         "file": Path(filename or "upload").name, "kind": kind,

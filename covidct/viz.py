@@ -322,7 +322,7 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     """Two checks that the classifier looks at the lungs and not at the file:
 
     (a) Grad-CAM mass inside vs outside the lung mask (``covidct.lungs`` on the whole slice,
-        cut and resized as the model input is: ``preprocess.lung_mask_of_input``), per class
+        cut and resized as the model input is: ``preprocess.input_lung_mask``), per class
         and overall; next to it the mask's share of the image, i.e. what a heatmap spread
         evenly would give. Slices without a plausible mask are left out (counted).
     (b) accuracy / AUC when every image is re-encoded in the other class's file format
@@ -333,7 +333,7 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     Writes out_dir/shortcut.json and out_dir/shortcut.md; returns the dict.
     """
     from .evaluate import predict_proba
-    from .preprocess import Preprocess, load_image, lung_mask_of_input
+    from .preprocess import Preprocess, input_lung_mask, load_image, read_gray
 
     if cam_target not in ("predicted", "covid"):
         raise CovidCTError(f"cam_target must be 'predicted' or 'covid', got {cam_target!r}")
@@ -346,7 +346,7 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     # (a) Grad-CAM mass inside the lung mask.
     targets = predicted if cam_target == "predicted" else np.full(len(labels), COVID)
     heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets)
-    found = [lung_mask_of_input(path, preprocess) for path in paths]
+    found = [input_lung_mask(read_gray(path), preprocess) for path in paths]
     usable = np.array([mask is not None for mask in found])   # implausible masks are left out
     masks = np.stack([mask if mask is not None else np.zeros(images.shape[2:], bool) for mask in found])
     area = masks.mean(axis=(1, 2))
@@ -470,7 +470,7 @@ def lung_sheet(data_root, split: str | None = "train", path="lungs.png", n: int 
     -> (path, {"shown": n, "fallbacks": k})."""
     from .data import read_dataset
     from .lungs import find_lungs
-    from .preprocess import _read_bytes, to_gray
+    from .preprocess import read_gray
 
     dataset = read_dataset(data_root, split=split)
     if n < 1:
@@ -483,8 +483,7 @@ def lung_sheet(data_root, split: str | None = "train", path="lungs.png", n: int 
         ax.axis("off")
     for ax, index in zip(axes.ravel(), pick):
         file = dataset.paths[index]
-        with Image.open(io.BytesIO(_read_bytes(file))) as image:
-            gray = to_gray(image)
+        gray = read_gray(file)
         lungs = find_lungs(gray)
         fallbacks += not lungs.found
         ax.imshow(gray, cmap="gray", vmin=0, vmax=1)

@@ -45,6 +45,17 @@ def gradients(model, x, y):
     return [param.grad for param in model.parameters()]
 
 
+def single_process_weights(data) -> list:
+    """The reference: one process, full batches, the same SGD steps -> the parameters' arrays."""
+    reference = small_model(seed=0)
+    optimizer = mc.optim.SGD(reference.parameters(), 0.1, momentum=0.9)
+    for x, y in data:
+        optimizer.zero_grad()
+        gradients(reference, x, y)
+        optimizer.step()
+    return [p.data for p in reference.parameters()]
+
+
 def steps(comm, out: Path):
     data = batches()
     half = slice(comm.rank * BATCH // comm.size, (comm.rank + 1) * BATCH // comm.size)
@@ -65,15 +76,9 @@ def steps(comm, out: Path):
              calls=comm.stats["allreduce_calls"])
 
     if comm.rank == 0:                                     # the single-process reference, full batches
-        reference = small_model(seed=0)
         x, y = data[0]
-        np.savez(out / "gradient-single.npz", *gradients(reference, x, y))
-        optimizer = mc.optim.SGD(reference.parameters(), 0.1, momentum=0.9)
-        for x, y in data:
-            optimizer.zero_grad()
-            gradients(reference, x, y)
-            optimizer.step()
-        np.savez(out / "weights-single.npz", *[p.data for p in reference.parameters()])
+        np.savez(out / "gradient-single.npz", *gradients(small_model(seed=0), x, y))
+        np.savez(out / "weights-single.npz", *single_process_weights(data))
 
 
 def uneven(comm, out: Path):
@@ -122,13 +127,7 @@ def nccl(comm, out: Path):
              broadcast=cupy.asnumpy(broadcast), metric=metrics["rank"], size=comm.size,
              *[cupy.asnumpy(p.data) for p in model.parameters()])
     if comm.rank == 0:                                     # the CPU single-process reference
-        reference = small_model(seed=0)
-        optimizer = mc.optim.SGD(reference.parameters(), 0.1, momentum=0.9)
-        for x, y in data:
-            optimizer.zero_grad()
-            gradients(reference, x, y)
-            optimizer.step()
-        np.savez(out / "nccl-single.npz", *[p.data for p in reference.parameters()])
+        np.savez(out / "nccl-single.npz", *single_process_weights(data))
 
 
 if __name__ == "__main__":

@@ -195,3 +195,11 @@ def test_real_covid_ct_counts():
     train, val = read_dataset(REAL_DATA, "train"), read_dataset(REAL_DATA, "val")
     assert train.counts() == {"COVID": 191, "non-COVID": 234}
     assert val.counts() == {"COVID": 60, "non-COVID": 58}
+
+
+def test_class_folders_match_without_regard_to_case(tmp_path):
+    """The SARS-CoV-2 CT set names its folders COVID/ and non-COVID/; they read as they are."""
+    root = make_folders(tmp_path / "sars", covid_dir="COVID", non_covid_dir="non-COVID")
+    dataset = read_dataset(root)
+    assert dataset.counts() == {"COVID": 2, "non-COVID": 2}
+    assert all("/COVID/" in p for p, y in zip(dataset.paths, dataset.labels) if y == 1)
