@@ -11,7 +11,7 @@ The official test split keeps sources apart, so the folds do too:
 
   COVID      ``2020.02.25.20021568-p23-108%2.png``  -> the preprint id before ``-p``
   non-COVID  ``39%1.jpg``                            -> the number before ``%`` (one case)
-  non-COVID  ``1058.png``, ``1059.png``, ...          -> runs of consecutive numbers
+  non-COVID  ``1058.png``, ``1059.png``, ...          -> runs of consecutive numbers (per extension)
   anything else                                      -> the file name without extension
 
 Limits: the non-COVID sources are not published; consecutive numbers are a guess
@@ -50,24 +50,33 @@ __all__ = ["source_group", "grouped_folds", "youden_threshold", "cross_validate"
 # ------------------------------------------------------------------ groups and folds
 def source_group(path, label: int) -> str:
     """The source of one slice, from its file name (rules in the module docstring)."""
-    stem = Path(path).stem
+    path = Path(path)
+    stem = path.stem
     if label == 1 and "-p" in stem:
         return "covid:" + stem.split("-p")[0]
     if "%" in stem:
         return f"{label}:" + stem.split("%")[0]
+    if stem.isdigit():                                      # joined into runs by slice_groups
+        return f"{label}:{stem}{path.suffix.lower()}"
     return f"{label}:{stem}"
 
 
 def _join_number_runs(groups: list[str]) -> list[str]:
-    """Plain-number names (``1058``) of one class joined into runs of consecutive numbers."""
-    numbered = sorted({g for g in groups if re.fullmatch(r"\d+:\d+", g)},
-                      key=lambda g: (g.split(":")[0], int(g.split(":")[1])))
+    """Plain-number names (``1058.png``) of one class and extension joined into runs of
+    consecutive numbers. Case numbers from ``A%B`` names (``0:39``) are never joined: a case
+    is one patient, and neighbouring case numbers are different patients."""
+    def parts(g):
+        cls, name = g.split(":")
+        number, ext = name.split(".")
+        return cls, ext, int(number)
+
+    numbered = sorted({g for g in groups if re.fullmatch(r"\d+:\d+\.\w+", g)}, key=parts)
     run_of, previous, start = {}, None, None
     for g in numbered:
-        cls, number = g.split(":")[0], int(g.split(":")[1])
-        if previous is None or previous[0] != cls or number != previous[1] + 1:
-            start = f"{cls}:run{number}"
-        run_of[g], previous = start, (cls, number)
+        cls, ext, number = parts(g)
+        if previous is None or previous[:2] != (cls, ext) or number != previous[2] + 1:
+            start = f"{cls}:run{number}.{ext}"
+        run_of[g], previous = start, (cls, ext, number)
     return [run_of.get(g, g) for g in groups]
 
 

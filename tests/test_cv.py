@@ -17,11 +17,15 @@ def test_source_groups_follow_the_file_name_rules():
     assert source_group("x/2020.02.25.20021568-p23-108%2.png", 1) == "covid:2020.02.25.20021568"
     assert source_group("x/2020.02.25.20021568-p24-111.png", 1) == "covid:2020.02.25.20021568"
     assert source_group("x/39%1.jpg", 0) == "0:39"
-    paths = ["1058.png", "1059.png", "1060.png", "1070.png", "39%0.jpg", "39%2.jpg", "2020.1-p1.png"]
-    labels = [0, 0, 0, 0, 0, 0, 1]
+    paths = ["1058.png", "1059.png", "1060.png", "1070.png", "39%0.jpg", "39%2.jpg", "2020.1-p1.png",
+             "40%0.jpg", "41.jpg", "1061.jpg"]
+    labels = [0, 0, 0, 0, 0, 0, 1, 0, 0, 0]
     groups = slice_groups(paths, labels)
     assert groups[0] == groups[1] == groups[2] != groups[3]          # consecutive numbers: one run
-    assert groups[4] == groups[5] and len(set(groups)) == 4
+    assert groups[4] == groups[5]                                    # one case: 39
+    assert groups[7] != groups[4] and groups[8] != groups[7]         # neighbouring cases are other patients
+    assert groups[9] != groups[2]                                    # another extension: another run
+    assert len(set(groups)) == 7
 
 
 def test_folds_keep_groups_whole_and_classes_balanced():
