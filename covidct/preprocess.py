@@ -59,6 +59,7 @@ __all__ = [
 
 RESIZE_MODES = ("pad", "stretch")
 LUNG_MODES = ("none", "crop", "mask")
+INTENSITY_MODES = ("none", "equalize")
 CACHE_VERSION = 2                      # bump when the decoding rule changes
 MEMORY_CACHE_BYTES = 1 << 30           # at most 1 GiB of decoded images kept in memory
 RGB_WEIGHTS = (0.299, 0.587, 0.114)    # ITU-R BT.601 luma, as PIL's "L" conversion
@@ -81,6 +82,11 @@ class Preprocess:
                       implausible keep the whole slice (counted by load_images).
             "mask"    as crop, and everything outside the (slightly grown) lung mask
                       is set to 0 (air).
+    intensity: "none"     the gray values as decoded.
+            "equalize" histogram equalisation of each slice (after the lung cut, before
+                      the resize; see equalize): every slice then uses the whole gray
+                      range evenly, whatever window, contrast and gamma the figure it
+                      came from had.
     Stored in checkpoints as JSON: see to_dict() / from_dict(); evaluate, predict and
     Grad-CAM repeat exactly the preprocessing a model was trained with.
     """
@@ -88,6 +94,7 @@ class Preprocess:
     resize: str = "pad"
     lungs: str = "none"
     lung_margin: float = 0.08
+    intensity: str = "none"
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
@@ -96,6 +103,8 @@ class Preprocess:
             raise DataError(f"Preprocess resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
         if self.lungs not in LUNG_MODES:
             raise DataError(f"Preprocess lungs={self.lungs!r}: expected one of {', '.join(LUNG_MODES)}")
+        if self.intensity not in INTENSITY_MODES:
+            raise DataError(f"Preprocess intensity={self.intensity!r}: expected one of {', '.join(INTENSITY_MODES)}")
         if not 0 <= self.lung_margin <= 1:
             raise DataError(f"Preprocess lung_margin={self.lung_margin!r}: expected a fraction in [0, 1]")
         object.__setattr__(self, "size", int(self.size))
@@ -105,7 +114,7 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        known = {"size", "resize", "lungs", "lung_margin"}
+        known = {"size", "resize", "lungs", "lung_margin", "intensity"}
         unknown = set(d) - known
         if unknown:
             raise DataError(f"Preprocess settings: unknown keys {sorted(unknown)}; expected {', '.join(sorted(known))}")
@@ -114,6 +123,8 @@ class Preprocess:
     def key(self) -> str:
         """Short stable hash of the settings (and of the decoding rule version)."""
         settings = {"v": CACHE_VERSION, **self.to_dict()}
+        if self.intensity == "none":
+            del settings["intensity"]          # keeps the cache keys of earlier versions
         if self.lungs != "none":
             from .lungs import LUNGS_VERSION
             settings["lungs_v"] = LUNGS_VERSION
@@ -274,8 +285,24 @@ def prepare_gray(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[i
     found): the lung-field cut that pre.lungs asks for, then the resize. Every input (PNG, JPEG,
     DICOM, NIfTI slice) goes through here after its conversion to gray."""
     gray, lungs_found = _cut_to_lungs(np.asarray(gray, np.float32), pre)
+    if pre.intensity == "equalize":
+        gray = equalize(gray)
     image_out, content_hw = _resize(gray, pre)
     return image_out[None], content_hw, lungs_found
+
+
+def equalize(gray: np.ndarray, levels: int = 256) -> np.ndarray:
+    """Histogram equalisation of a (h, w) slice in [0, 1]: each pixel becomes the share of
+    the slice's pixels that are darker than or as dark as it (its gray level's cumulative
+    histogram, over ``levels`` levels). Order-preserving, so anatomy keeps its shape; the
+    darkest level maps to 0 (air stays black, as the resize's padding)."""
+    gray = np.asarray(gray, np.float32)
+    level = np.minimum((gray * levels).astype(np.int64), levels - 1)      # (h, w) in 0..levels-1
+    counts = np.bincount(level.ravel(), minlength=levels)
+    below = np.cumsum(counts) - counts[level.min()]                          # pixels above the darkest level
+    if below[-1] <= 0:                                                       # a flat slice: nothing to spread
+        return gray
+    return (below / below[-1]).astype(np.float32)[level]
 
 
 def _cut_to_lungs(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, bool]:

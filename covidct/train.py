@@ -44,7 +44,7 @@ from .model import ModelConfig, build_model, count_parameters, preset, split_bac
 from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
-from .preprocess import LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, load_images
+from .preprocess import INTENSITY_MODES, LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, load_images
 from .scan import CTWindow
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
@@ -96,6 +96,9 @@ class TrainConfig:
                         choices=LUNG_MODES)
     resize: str = option("pad", "pad: keep the aspect ratio on a black square; stretch: fill the square",
                          choices=RESIZE_MODES)
+    intensity: str = option("none", "equalize: histogram-equalise every slice, so that figures with other "
+                                    "windows and contrasts look alike; stored in the checkpoint",
+                            choices=INTENSITY_MODES)
     extra_data: tuple = option((), "another dataset whose images (all of them) are added to TRAINING only, never "
                                    "to validation or CV test folds; repeatable (e.g. ../shared/sars-cov-2-ct)",
                                metavar="PATH")
@@ -137,6 +140,8 @@ class TrainConfig:
             raise CovidCTError(f"--lungs must be one of {', '.join(LUNG_MODES)}, got {self.lungs!r}")
         if self.resize not in RESIZE_MODES:
             raise CovidCTError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise CovidCTError(f"--intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
         if self.extra_mode == "pretrain" and self.extra_data and self.pretrained \
                 and self.pretrained != extra_checkpoint(self):
             raise CovidCTError("--extra-mode pretrain makes its own starting weights; leave out --pretrained")
@@ -188,7 +193,8 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
 
 def preprocess_for(config: TrainConfig, model_config) -> Preprocess:
     """The preprocessing a run's images get (and its checkpoints store)."""
-    return Preprocess(size=model_config.input_size, resize=config.resize, lungs=config.lungs)
+    return Preprocess(size=model_config.input_size, resize=config.resize, lungs=config.lungs,
+                      intensity=config.intensity)
 
 
 def load_split(config, split: str | None, preprocess: Preprocess, skipped_dir=None, source=None, log=print):

@@ -240,3 +240,34 @@ def test_real_images_of_every_mode_load(tmp_path):
     assert images.shape == (len(chosen), 1, 64, 64) and images.dtype == np.float32
     assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
     assert time.perf_counter() - start < 30
+
+
+# -- intensity="equalize" ---------------------------------------------------------------------------
+
+def test_equalize_spreads_gray_levels_in_order_and_ignores_window_and_gamma():
+    from covidct.preprocess import equalize
+    gray = (np.random.default_rng(0).integers(0, 10, (40, 50)) / 10).astype(np.float32)
+    flat = equalize(gray)
+    assert flat.dtype == np.float32 and flat.shape == gray.shape
+    assert flat[gray == 0].max() == 0 and flat[gray == gray.max()].min() == 1     # air stays black
+    order = np.argsort(gray.ravel(), kind="stable")
+    assert np.all(np.diff(flat.ravel()[order]) >= 0)                           # brighter never maps darker
+    # another window (gamma, contrast, offset) of the same slice: the same equalised slice
+    assert np.array_equal(equalize(gray ** 2), flat)
+    assert np.array_equal(equalize(0.2 + 0.5 * gray), flat)
+    blank = np.full((8, 8), 0.3, np.float32)
+    assert np.array_equal(equalize(blank), blank)                              # nothing to spread
+
+
+def test_preprocess_equalize_is_stored_and_changes_the_cache_key(tmp_path):
+    from covidct.model import preset
+    from covidct.train import TrainConfig, preprocess_for
+    pre = preprocess_for(TrainConfig(intensity="equalize"), preset("tiny"))
+    assert pre.intensity == "equalize" and Preprocess.from_dict(pre.to_dict()) == pre
+    assert pre.key() != Preprocess(size=pre.size).key()
+    assert Preprocess(size=32).key() == Preprocess(size=32, intensity="none").key()
+    path = write_image(tmp_path / "g.png", "L", value=(gradient(60, 40) // 2).astype(np.uint8))
+    image = load_image(path, Preprocess(size=32, intensity="equalize"))
+    assert image.max() == pytest.approx(1.0) and image.shape == (1, 32, 32)
+    with pytest.raises(DataError, match="intensity"):
+        Preprocess(intensity="clahe")
