@@ -13,6 +13,7 @@ here is a host NumPy array, see use_fast_path: the `# host-ok` marks say so):
   the GIL inside copies and ufunc loops, so im2col, col2im and the pooling passes,
   single-threaded in NumPy, use every core. During those sections BLAS is held to
   one thread (``threadpoolctl``), so threads x BLAS threads never exceed the cores.
+  Batches below MIN_BATCH_FOR_THREADS skip the pool (GIL hand-offs cost more there).
 * **Reused buffers.** The chunk buffers (im2col columns, padded chunks, pooling
   temporaries) are kept per thread from one layer and one step to the next: no
   fresh allocation, no page faults. ``Module.release_saved()`` drops them.
@@ -47,6 +48,13 @@ import numpy as np
 # output stay in the L2/L3 caches of one core.
 CHUNK_BYTES = 2 ** 21
 MIN_COLUMNS = 1024
+# Batches smaller than this run their chunks one after the other in the calling thread, BLAS
+# keeping its own threads for the GEMMs. Measured on 2 cores (benchmarks/RESULTS.md, issue 14):
+# at batch 12 the pool made the `default` net's train step 20% slower and LeNet's 30% slower,
+# at batch 65 it made them 1.3x and 1.1x faster. Small chunks hand the GIL between the threads
+# at every NumPy call, and a thread waiting for it is not working. Changes no result: chunk
+# boundaries never depend on the threads.
+MIN_BATCH_FOR_THREADS = 32
 
 _settings = {"enabled": os.environ.get("MINICNN_FAST", "1") != "0", "threads": None}
 _pool: dict = {"executor": None, "workers": 0}
@@ -120,16 +128,19 @@ def _blas_threads() -> int | None:
 
 # -- the pool ------------------------------------------------------------------------------------
 
-def parallel_chunks(count: int, work, uses_blas: bool = False) -> None:
+def parallel_chunks(count: int, work, uses_blas: bool = False, batch: int | None = None) -> None:
     """Call ``work(index)`` for every chunk index in range(count), spread over the threads.
 
     Thread ``slot`` (0 = the calling thread) takes indices slot, slot + T, ...
     With ``uses_blas`` the work calls BLAS, which is held to one thread meanwhile
     (without threadpoolctl to do that, the chunks run one after the other in this
     thread instead, BLAS keeping its own threads). Errors in any thread are
-    re-raised here. A call from inside a chunk runs its chunks in that thread.
+    re-raised here. A call from inside a chunk runs its chunks in that thread, and so does
+    a call for a ``batch`` below MIN_BATCH_FOR_THREADS.
     """
     threads = min(num_threads(), count)
+    if batch is not None and batch < MIN_BATCH_FOR_THREADS:
+        threads = 1
     if getattr(_local, "inside", False):     # a nested call from a pool thread: no new tasks
         threads = 1
     if uses_blas and threads > 1 and _blas_controller() is None:
@@ -213,14 +224,20 @@ def release_buffers() -> None:
 
 def _padded(name, x, padding, fill):
     """x (b, C, H, W) copied into the middle of a reusable (b, C, H + 2py, W + 2px) buffer
-    with a border of ``fill``; x itself when there is no padding."""
+    with a border of ``fill``; x itself when there is no padding.
+
+    The buffer is kept per thread for its shape and fill (not shared with other sizes like
+    ``scratch``), so its border is written once, when it is made: each call copies x only."""
     py, px = padding
     if py == 0 and px == 0:
         return x
     b, c, h, w = x.shape
-    buffer = scratch(name, (b, c, h + 2 * py, w + 2 * px), x.dtype)
-    buffer[:, :, :py], buffer[:, :, py + h:] = fill, fill
-    buffer[:, :, :, :px], buffer[:, :, :, px + w:] = fill, fill
+    buffers = _buffers.setdefault(threading.get_ident(), {})
+    key = ("padded", name, c, h, w, py, px, fill, x.dtype.str)
+    buffer = buffers.get(key)
+    if buffer is None or len(buffer) < b:
+        buffers[key] = buffer = np.full((b, c, h + 2 * py, w + 2 * px), fill, dtype=x.dtype)  # host-ok
+    buffer = buffer[:b]
     buffer[:, :, py:py + h, px:px + w] = x
     return buffer
 
@@ -228,29 +245,46 @@ def _padded(name, x, padding, fill):
 # -- convolution ---------------------------------------------------------------------------------
 
 def _im2col_chunk(layer, x, out_hw):
-    """im2col.im2col for a chunk x (b, C, H, W) into a reusable buffer: (C*kh*kw, b*OH*OW)."""
+    """im2col.im2col for a chunk x (b, C, H, W) into a reusable buffer: (C*kh*kw, b*OH*OW).
+
+    One strided copy (all kernel offsets as one 6-D view of the padded chunk) rather than one
+    per offset: fewer calls, so that threads rarely wait for each other's Python (the GIL)."""
     (kh, kw), (sy, sx), (oh, ow) = layer.kernel_size, layer.stride, out_hw
     b, c = x.shape[:2]
-    x_padded = _padded("x_padded", x, layer.padding, 0)
+    x_padded = _padded("x", x, layer.padding, 0)
     col = scratch("col", (c, kh, kw, b, oh, ow), x.dtype)
-    for ky in range(kh):
-        for kx in range(kw):
-            col[:, ky, kx] = x_padded[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx].transpose(1, 0, 2, 3)
+    stride_b, stride_c, stride_y, stride_x = x_padded.strides
+    windows = np.lib.stride_tricks.as_strided(                 # [c, ky, kx, n, i, j] = x_pad[n, c, ky + sy*i, kx + sx*j]
+        x_padded, col.shape, (stride_c, stride_y, stride_x, stride_b, sy * stride_y, sx * stride_x), writeable=False)
+    np.copyto(col, windows)
     return col.reshape(c * kh * kw, b * oh * ow)
 
 
 def _col2im_chunk(layer, col, grad_x):
-    """im2col.col2im for a chunk: col (C, kh, kw, b, OH, OW) added into grad_x (b, C, H, W)."""
+    """im2col.col2im for a chunk: col (C, kh, kw, b, OH, OW) added into grad_x (b, C, H, W).
+
+    Straight into grad_x (no padded buffer to copy out of): each offset adds only the part
+    of its window inside the image (the part in the padding is dropped, as col2im's final
+    crop does). Every pixel gets the same additions in the same order, from 0."""
     c, kh, kw, b, oh, ow = col.shape
     (sy, sx), (py, px) = layer.stride, layer.padding
     h, w = grad_x.shape[2:]
-    target = grad_x if py == 0 and px == 0 else scratch("grad_padded", (b, c, h + 2 * py, w + 2 * px), col.dtype)
-    target.fill(0)
+    grad_x.fill(0)
     for ky in range(kh):
+        i0, i1, y0 = _inside(ky, py, sy, oh, h)
         for kx in range(kw):
-            target[:, :, ky:ky + sy * oh:sy, kx:kx + sx * ow:sx] += col[:, ky, kx].transpose(1, 0, 2, 3)
-    if target is not grad_x:
-        grad_x[...] = target[:, :, py:py + h, px:px + w]
+            j0, j1, x0 = _inside(kx, px, sx, ow, w)
+            if i1 > i0 and j1 > j0:
+                grad_x[:, :, y0:y0 + sy * (i1 - i0 - 1) + 1:sy, x0:x0 + sx * (j1 - j0 - 1) + 1:sx] += \
+                    col[:, ky, kx, :, i0:i1, j0:j1].transpose(1, 0, 2, 3)
+
+
+def _inside(k, pad, stride, out, size):
+    """Outputs i0 <= i < i1 whose tap k lands inside the image (at y = i*stride + k - pad),
+    and y0, the image row of output i0."""
+    i0 = max(0, -((k - pad) // stride))                                    # ceil((pad - k) / stride)
+    i1 = min(out, (size - 1 - k + pad) // stride + 1)
+    return i0, i1, i0 * stride + k - pad
 
 
 def conv2d_forward(layer, x, out_hw):
@@ -275,7 +309,7 @@ def conv2d_forward(layer, x, out_hw):
         if bias is not None:
             rows += bias
 
-    parallel_chunks(math.ceil(n / chunk), work, uses_blas=True)
+    parallel_chunks(math.ceil(n / chunk), work, uses_blas=True, batch=n)
     return out.transpose(1, 0, 2, 3)
 
 
@@ -309,7 +343,7 @@ def conv2d_backward(layer, x, grad_output):
             np.matmul(weight.T, grad, out=col)                               # dL/dcol over col  # host-ok
             _col2im_chunk(layer, col.reshape(c, kh, kw, stop - start, oh, ow), grad_x[start:stop])
 
-    parallel_chunks(count, work, uses_blas=True)
+    parallel_chunks(count, work, uses_blas=True, batch=n)
     layer.weight.accumulate_grad(_sum_in_order(grad_weights).reshape(layer.weight.data.shape))
     if layer.bias is not None:
         layer.bias.accumulate_grad(grad_by_filter.reshape(f, -1).sum(axis=1))
@@ -328,7 +362,7 @@ def _filters_first(grad_output, chunk):
         part = slice(index * chunk, (index + 1) * chunk)
         out[:, part] = by_filter[:, part]
 
-    parallel_chunks(math.ceil(n / chunk), work)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n)
     return out
 
 
@@ -353,7 +387,7 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
     (kh, kw), (sy, sx), (oh, ow) = layer.kernel_size, layer.stride, out_hw
     out = np.empty((n, c, oh, ow), dtype=x.dtype)  # host-ok
     argmax_dtype = np.uint8 if kh * kw < 256 else np.int32
-    argmax = np.empty(out.shape, dtype=argmax_dtype) if keep_argmax else None  # host-ok
+    argmax = _like_layout(x, out.shape, argmax_dtype) if keep_argmax else None
     chunk = images_per_chunk(n, x[0].size * x.itemsize)
 
     def work(index):
@@ -385,7 +419,7 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
         if relu:
             np.maximum(best, 0, out=best)  # host-ok
 
-    parallel_chunks(math.ceil(n / chunk), work)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n)
     return out, argmax
 
 
@@ -394,7 +428,7 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
     n, c, h, w = x_shape
     (kh, kw), (sy, sx), (py, px) = layer.kernel_size, layer.stride, layer.padding
     oh, ow = grad_output.shape[2:]
-    grad_x = np.empty(x_shape, dtype=grad_output.dtype)  # host-ok
+    grad_x = _like_layout(argmax, x_shape, grad_output.dtype)            # laid out as x was
     overlapping = sy < kh or sx < kw
     covers_all = not overlapping and sy * oh == h + 2 * py and sx * ow == w + 2 * px
     chunk = images_per_chunk(n, c * h * w * grad_output.itemsize)
@@ -421,8 +455,25 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
         if py or px:
             grad_x[start:stop] = target[:, :, py:py + h, px:px + w]
 
-    parallel_chunks(math.ceil(n / chunk), work)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n)
     return grad_x
+
+
+def _channels_first(array) -> bool:
+    """True for an (N, C, H, W) view of a C-contiguous (C, N, H, W) array: a fast conv's output."""
+    return not array.flags.c_contiguous and array.transpose(1, 0, 2, 3).flags.c_contiguous
+
+
+def _like_layout(array, shape, dtype):
+    """A new (N, C, H, W) array of ``shape``, laid out (C, N, H, W) in memory if ``array`` is.
+
+    Max-pool's argmax and input gradient follow the layout of its input: after a conv, the
+    gradient then reaches the conv's backward already in the (F, N, OH, OW) order its GEMMs
+    read (fast._filters_first finds nothing to copy)."""
+    if _channels_first(array):
+        n, c, h, w = shape
+        return np.empty((c, n, h, w), dtype=dtype).transpose(1, 0, 2, 3)  # host-ok
+    return np.empty(shape, dtype=dtype)  # host-ok
 
 
 # -- elementwise -----------------------------------------------------------------------------------
@@ -445,7 +496,8 @@ def relu_forward(x, *, inplace: bool, keep_mask: bool):
         part(...)
     else:
         chunk = images_per_chunk(len(x), x[0].nbytes)
-        parallel_chunks(math.ceil(len(x) / chunk), lambda index: part(slice(index * chunk, (index + 1) * chunk)))
+        parallel_chunks(math.ceil(len(x) / chunk), lambda index: part(slice(index * chunk, (index + 1) * chunk)),
+                        batch=len(x))
     return out, mask
 
 
@@ -461,7 +513,7 @@ def multiply(a, b):
         part = slice(index * chunk, (index + 1) * chunk)
         np.multiply(a[part], b[part], out=out[part])
 
-    parallel_chunks(math.ceil(len(out) / chunk), work)
+    parallel_chunks(math.ceil(len(out) / chunk), work, batch=len(out))
     return out
 
 
@@ -473,7 +525,7 @@ def _split_first_axis(out, work_on):
         return
     chunk = images_per_chunk(len(out), out[0].nbytes)
     parallel_chunks(math.ceil(len(out) / chunk),
-                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)))
+                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)), batch=len(out))
 
 
 def scale_shift(x, scale, shift, in_place: bool):

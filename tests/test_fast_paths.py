@@ -18,8 +18,10 @@ from minicnn import fast
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunks of a quarter batch even for these tiny images (real layers get >= 1024 GEMM
-    columns per chunk), so that every test here runs several chunks in several threads."""
+    columns per chunk), and threads even for these small batches, so that every test here runs
+    several chunks in several threads."""
     monkeypatch.setattr(fast, "MIN_COLUMNS", 1)
+    monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 1)
 
 
 @pytest.fixture
@@ -265,3 +267,55 @@ def test_strided_inputs_and_a_kernel_with_more_than_255_offsets():
     fused_r, fused_f = both_ways(lambda: mc.Sequential(mc.ReLU(), mc.MaxPool2d(16)), pool_x, grad)
     np.testing.assert_array_equal(fused_f[0], fused_r[0])
     np.testing.assert_array_equal(fused_f[1], fused_r[1])
+
+
+def test_conv_relu_pool_conv_stack_matches_readable():
+    """conv -> ReLU -> max-pool -> conv, as in covidct's nets: the pool's gradient comes out laid
+    out like the fast conv's output (F, N, OH, OW), and the stack gives the readable numbers."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1, 20, 20)).astype(np.float32)
+
+    def make():
+        layers = np.random.default_rng(1)
+        return mc.Sequential(mc.Conv2d(1, 4, 5, 2, 2, rng=layers), mc.ReLU(), mc.MaxPool2d(2),
+                             mc.Conv2d(4, 3, 3, 1, 1, rng=layers), mc.ReLU(), mc.MaxPool2d(2, padding=1))
+
+    grad_out = rng.standard_normal(make()(x).shape).astype(np.float32)
+    (out_r, gx_r, grads_r), (out_f, gx_f, grads_f) = both_ways(make, x, grad_out)
+    # BLAS may round a GEMM over a chunk's columns differently from one over the whole batch
+    # (its edge kernels), so through two convs the numbers agree to float rounding.
+    np.testing.assert_allclose(out_f, out_r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx_f, gx_r, rtol=1e-5, atol=1e-6)
+    for fast_grad, readable_grad in zip(grads_f, grads_r):
+        np.testing.assert_allclose(fast_grad, readable_grad, rtol=1e-5, atol=1e-6)
+
+    model = make()
+    pool = model[2]
+    hidden = pool.forward_after_relu(model[0](x))
+    grad = pool.backward(np.ones(hidden.shape, np.float32))
+    assert grad.transpose(1, 0, 2, 3).flags.c_contiguous and not grad.flags.c_contiguous
+
+
+def test_padded_buffers_keep_their_border_per_fill():
+    """Conv (border 0) and max-pool (border -inf) chunks of the same shape get separate padded
+    buffers, whose borders stay right however the two alternate."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 2, 6, 6)).astype(np.float32)
+    conv = mc.Conv2d(2, 2, 3, padding=1, rng=np.random.default_rng(1))
+    pool = mc.MaxPool2d(3, stride=1, padding=1)
+    with fast.disabled():
+        want_conv, want_pool = conv(x), pool(-np.abs(x))
+    for _ in range(2):
+        np.testing.assert_array_equal(conv(x), want_conv)
+        np.testing.assert_array_equal(pool(-np.abs(x)), want_pool)
+
+
+def test_small_batches_run_in_the_calling_thread(monkeypatch, threads):
+    monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 32)
+    threads(2)
+    seen = set()
+    fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=12)
+    assert seen == {threading.get_ident()}
+    seen.clear()
+    fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32)
+    assert len(seen) == 2
