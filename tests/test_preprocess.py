@@ -78,7 +78,8 @@ def test_pad_keeps_aspect_stretch_fills(tmp_path):
 def test_preprocess_settings_round_trip_and_validate():
     pre = Preprocess(size=96, resize="stretch")
     assert Preprocess.from_dict(pre.to_dict()) == pre
-    assert pre.to_dict() == {"size": 96, "resize": "stretch", "lungs": "none", "lung_margin": 0.08}
+    assert pre.to_dict() == {"size": 96, "resize": "stretch", "lungs": "none", "lung_margin": 0.08,
+                             "intensity": "none"}
     assert Preprocess.from_dict({"size": 96, "resize": "stretch"}) == pre     # checkpoints from before lungs
     with pytest.raises(DataError, match="lungs='chest'"):
         Preprocess(lungs="chest")
