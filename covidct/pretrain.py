@@ -50,7 +50,7 @@ class PretrainConfig:
     data: str = option("", "dataset (default: the synthetic phantom); only its training images are learned "
                            "from, without their labels")
     out: str = option("runs/pretrain", "run directory (default: runs/pretrain-<model>-<data name>)")
-    model: str = option("default", "architecture to pretrain: default, deep, resnet18, tiny, seed")
+    model: str = option("default", "architecture to pretrain: default, wide, deep, resnet18, tiny, seed")
     image_size: int | None = option(None, "input size (default: the preset's; fine-tune at the same size)")
     epochs: int = option(30, "number of epochs (with --resume: a larger number extends the run)")
     batch_size: int = option(32, "images per batch")

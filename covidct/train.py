@@ -56,7 +56,7 @@ class TrainConfig:
     data: str = option("", "dataset: UCSD COVID-CT root, CSV manifest or class folders "
                            "(default: the generated synthetic phantom dataset)")
     out: str = option("runs/covidct", "run directory (default: runs/<model>-<data name>)")
-    model: str = option("default", "model preset: default, seed (the 2020 CNNv3), deep, resnet18, tiny")
+    model: str = option("default", "model preset: default, wide, seed (the 2020 CNNv3), deep, resnet18, tiny")
     image_size: int | None = option(None, "input size (default: the preset's)")
     epochs: int = option(40, "number of epochs (with --resume: a larger number extends the run)")
     batch_size: int = option(32, "images per batch")

@@ -48,7 +48,7 @@ def test_seed_preset_builds_and_takes_a_training_step():
     assert not np.array_equal(before[1], model[11].weight.data)
 
 
-@pytest.mark.parametrize("name", ["seed", "default", "tiny"])
+@pytest.mark.parametrize("name", ["seed", "default", "wide", "tiny"])
 def test_presets_have_the_two_conv_three_fc_shape(name):
     model = build_model(preset(name))
     kinds = [type(layer).__name__ for layer in model if type(layer).__name__ != "Dropout"]
