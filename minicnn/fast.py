@@ -13,7 +13,8 @@ here is a host NumPy array, see use_fast_path: the `# host-ok` marks say so):
   the GIL inside copies and ufunc loops, so im2col, col2im and the pooling passes,
   single-threaded in NumPy, use every core. During those sections BLAS is held to
   one thread (``threadpoolctl``), so threads x BLAS threads never exceed the cores.
-  Batches below MIN_BATCH_FOR_THREADS skip the pool (GIL hand-offs cost more there).
+  Batches below MIN_BATCH_FOR_THREADS, and layers whose batch holds less than
+  MIN_BYTES_FOR_THREADS, skip the pool (GIL hand-offs cost more there).
 * **Reused buffers.** The chunk buffers (im2col columns, padded chunks, pooling
   temporaries) are kept per thread from one layer and one step to the next: no
   fresh allocation, no page faults. ``Module.release_saved()`` drops them.
@@ -55,10 +56,15 @@ MIN_COLUMNS = 1024
 # at every NumPy call, and a thread waiting for it is not working. Changes no result: chunk
 # boundaries never depend on the threads.
 MIN_BATCH_FOR_THREADS = 32
-# Chunk size of those small batches: one thread, so no need to split the batch for the threads,
-# and larger chunks mean fewer NumPy calls and larger GEMMs for BLAS's threads (the `default`
-# net at batch 12 runs each layer as one chunk: its largest im2col is 7 MB, in the L3 cache).
-SMALL_BATCH_CHUNK_BYTES = 2 ** 24
+# The same for layers whose whole batch holds less than this many bytes (of im2col columns for
+# a conv, of input for the others): the `default` net's layers at batch 65 (its largest, conv2's
+# im2col, is 38 MB) ran 1.3x faster in the calling thread with BLAS's 2 threads than in the pool,
+# LeNet's at batch 65 (315-436 MB) 1.1-2x slower (benchmarks/RESULTS.md, issue 14 round 4).
+MIN_BYTES_FOR_THREADS = 48 * 2 ** 20
+# Chunk size when running in the calling thread: no need to split the batch for the threads, and
+# larger chunks mean fewer NumPy calls and larger GEMMs for BLAS's threads; 4 MiB chunks stay in
+# the L3 cache (the `default` net at batch 12: 16 MiB chunks as fast, at batch 65 1.3x slower).
+ONE_THREAD_CHUNK_BYTES = 2 ** 22
 
 _settings = {"enabled": os.environ.get("MINICNN_FAST", "1") != "0", "threads": None}
 _pool: dict = {"executor": None, "workers": 0}
@@ -132,7 +138,18 @@ def _blas_threads() -> int | None:
 
 # -- the pool ------------------------------------------------------------------------------------
 
-def parallel_chunks(count: int, work, uses_blas: bool = False, batch: int | None = None) -> None:
+def runs_threaded(batch: int, bytes_per_image: int | None = None) -> bool:
+    """Whether a layer's chunks go to the pool: a batch of at least MIN_BATCH_FOR_THREADS whose
+    images hold at least MIN_BYTES_FOR_THREADS together (``bytes_per_image``: of im2col columns
+    for a conv, of input for the others; None: the batch alone decides). Sizes only, never the
+    thread count, so the chunks (images_per_chunk) stay thread-count free."""
+    if batch < MIN_BATCH_FOR_THREADS:
+        return False
+    return bytes_per_image is None or batch * bytes_per_image >= MIN_BYTES_FOR_THREADS
+
+
+def parallel_chunks(count: int, work, uses_blas: bool = False, batch: int | None = None,
+                    bytes_per_image: int | None = None) -> None:
     """Call ``work(index)`` for every chunk index in range(count), spread over the threads.
 
     Thread ``slot`` (0 = the calling thread) takes indices slot, slot + T, ...
@@ -140,10 +157,10 @@ def parallel_chunks(count: int, work, uses_blas: bool = False, batch: int | None
     (without threadpoolctl to do that, the chunks run one after the other in this
     thread instead, BLAS keeping its own threads). Errors in any thread are
     re-raised here. A call from inside a chunk runs its chunks in that thread, and so does
-    a call for a ``batch`` below MIN_BATCH_FOR_THREADS.
+    a call for a ``batch`` (of ``bytes_per_image``) that is not runs_threaded.
     """
     threads = min(num_threads(), count)
-    if batch is not None and batch < MIN_BATCH_FOR_THREADS:
+    if batch is not None and not runs_threaded(batch, bytes_per_image):
         threads = 1
     if getattr(_local, "inside", False):     # a nested call from a pool thread: no new tasks
         threads = 1
@@ -194,12 +211,13 @@ def images_per_chunk(batch: int, bytes_per_image: int, columns_per_image: int = 
     """Chunk size: ~CHUNK_BYTES per chunk, >= 1 image, <= a quarter of the batch (work for
     every thread) -- but a conv chunk has at least MIN_COLUMNS GEMM columns: deep layers with
     small images (ResNet's 7x7 and 14x14 stages) then run as one GEMM, with BLAS's own threads,
-    rather than as many small pieces whose weight gradients must be added up. A batch below
-    MIN_BATCH_FOR_THREADS (run in the calling thread) gets chunks of SMALL_BATCH_CHUNK_BYTES
-    instead, with no quarter-batch cap: fewer, larger NumPy and BLAS calls. Depends on the
-    sizes only (never on the thread count), which keeps results thread-count free."""
-    if batch < MIN_BATCH_FOR_THREADS:
-        chunk = max(1, SMALL_BATCH_CHUNK_BYTES // max(1, bytes_per_image))
+    rather than as many small pieces whose weight gradients must be added up. A layer that
+    does not run threaded (runs_threaded: run in the calling thread) gets chunks of
+    ONE_THREAD_CHUNK_BYTES instead, with no quarter-batch cap: fewer, larger NumPy and BLAS
+    calls. Depends on the sizes only (never on the thread count), which keeps results
+    thread-count free."""
+    if not runs_threaded(batch, bytes_per_image):
+        chunk = max(1, ONE_THREAD_CHUNK_BYTES // max(1, bytes_per_image))
         return max(1, min(chunk, batch))
     by_bytes = max(1, CHUNK_BYTES // max(1, bytes_per_image))
     chunk = min(by_bytes, math.ceil(batch / 4))
@@ -361,7 +379,8 @@ def conv2d_forward(layer, x, out_hw):
     weight = layer.weight.data.reshape(f, -1)                                # (F, K)
     bias = None if layer.bias is None else layer.bias.data[:, None]
     out = np.empty((f, n, oh, ow), dtype=x.dtype)  # host-ok
-    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize, oh * ow)
+    col_bytes = c * kh * kw * oh * ow * x.itemsize                           # im2col bytes per image
+    chunk = images_per_chunk(n, col_bytes, oh * ow)
 
     def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
@@ -371,7 +390,7 @@ def conv2d_forward(layer, x, out_hw):
         if bias is not None:
             rows += bias
 
-    parallel_chunks(math.ceil(n / chunk), work, uses_blas=True, batch=n)
+    parallel_chunks(math.ceil(n / chunk), work, uses_blas=True, batch=n, bytes_per_image=col_bytes)
     return out.transpose(1, 0, 2, 3)
 
 
@@ -389,9 +408,10 @@ def conv2d_backward(layer, x, grad_output):
     f, (kh, kw) = layer.out_channels, layer.kernel_size
     oh, ow = grad_output.shape[2:]
     weight = layer.weight.data.reshape(f, -1)                                # (F, K)
-    chunk = images_per_chunk(n, c * kh * kw * oh * ow * x.itemsize, oh * ow)
+    col_bytes = c * kh * kw * oh * ow * x.itemsize                           # im2col bytes per image
+    chunk = images_per_chunk(n, col_bytes, oh * ow)
     count = math.ceil(n / chunk)
-    grad_by_filter = _filters_first(grad_output, chunk)                     # (F, N, OH, OW) contiguous
+    grad_by_filter = _filters_first(grad_output, chunk, col_bytes)                     # (F, N, OH, OW) contiguous
     grad_weights = [None] * count
     grad_x = np.empty(x.shape, dtype=x.dtype) if layer.needs_input_grad else None  # host-ok
     large = f * weight.shape[1] >= 2 ** 18                                   # see Conv2d.backward
@@ -405,14 +425,14 @@ def conv2d_backward(layer, x, grad_output):
             np.matmul(weight.T, grad, out=col)                               # dL/dcol over col  # host-ok
             _col2im_chunk(layer, col.reshape(c, kh, kw, stop - start, oh, ow), grad_x[start:stop])
 
-    parallel_chunks(count, work, uses_blas=True, batch=n)
+    parallel_chunks(count, work, uses_blas=True, batch=n, bytes_per_image=col_bytes)
     layer.weight.accumulate_grad(_sum_in_order(grad_weights).reshape(layer.weight.data.shape))
     if layer.bias is not None:
         layer.bias.accumulate_grad(grad_by_filter.reshape(f, -1).sum(axis=1))
     return grad_x
 
 
-def _filters_first(grad_output, chunk):
+def _filters_first(grad_output, chunk, bytes_per_image):
     """grad_output (N, F, OH, OW) as a C-contiguous (F, N, OH, OW) array (copied in chunks)."""
     by_filter = grad_output.transpose(1, 0, 2, 3)
     if by_filter.flags.c_contiguous:                                         # it came from the fast forward
@@ -424,7 +444,7 @@ def _filters_first(grad_output, chunk):
         part = slice(index * chunk, (index + 1) * chunk)
         out[:, part] = by_filter[:, part]
 
-    parallel_chunks(math.ceil(n / chunk), work, batch=n)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n, bytes_per_image=bytes_per_image)
     return out
 
 
@@ -452,7 +472,8 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
     out = np.empty((n, c, oh, ow), dtype=x.dtype)  # host-ok
     argmax_dtype = np.uint8 if kh * kw < 256 else np.int32
     argmax = _like_layout(x, out.shape, argmax_dtype) if keep_argmax else None
-    chunk = images_per_chunk(n, x[0].size * x.itemsize)
+    image_bytes = x[0].size * x.itemsize
+    chunk = images_per_chunk(n, image_bytes)
     # Tiling windows are read row by row (_maxpool_tiles) under no_grad, and with argmax when
     # they have at least TILES_MIN_WINDOW offsets (for 2x2, its tie-aware second pass costs more
     # than the readable loop's four strided window copies).
@@ -474,7 +495,7 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
                 np.maximum(argmax[start:stop], candidate, out=argmax[start:stop])  # host-ok
             np.maximum(best, 0, out=best)  # host-ok
 
-    parallel_chunks(math.ceil(n / chunk), work, batch=n)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n, bytes_per_image=image_bytes)
     return out, argmax
 
 
@@ -591,7 +612,8 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
     grad_x = _like_layout(argmax, x_shape, grad_output.dtype)            # laid out as x was
     overlapping = sy < kh or sx < kw
     covers_all = not overlapping and sy * oh == h + 2 * py and sx * ow == w + 2 * px
-    chunk = images_per_chunk(n, c * h * w * grad_output.itemsize)
+    image_bytes = c * h * w * grad_output.itemsize
+    chunk = images_per_chunk(n, image_bytes)
     scatter = _tiles(layer) and kh * kw >= SCATTER_MIN_WINDOW
 
     def work(index):
@@ -619,7 +641,7 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
         if py or px:
             grad_x[start:stop] = target[:, :, py:py + h, px:px + w]
 
-    parallel_chunks(math.ceil(n / chunk), work, batch=n)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n, bytes_per_image=image_bytes)
     return grad_x
 
 
@@ -704,7 +726,7 @@ def relu_forward(x, *, inplace: bool, keep_mask: bool):
     else:
         chunk = images_per_chunk(len(x), x[0].nbytes)
         parallel_chunks(math.ceil(len(x) / chunk), lambda index: part(slice(index * chunk, (index + 1) * chunk)),
-                        batch=len(x))
+                        batch=len(x), bytes_per_image=x[0].nbytes)
     return out, mask
 
 
@@ -720,7 +742,7 @@ def multiply(a, b):
         part = slice(index * chunk, (index + 1) * chunk)
         np.multiply(a[part], b[part], out=out[part])
 
-    parallel_chunks(math.ceil(len(out) / chunk), work, batch=len(out))
+    parallel_chunks(math.ceil(len(out) / chunk), work, batch=len(out), bytes_per_image=out[0].nbytes)
     return out
 
 
@@ -732,7 +754,8 @@ def _split_first_axis(out, work_on):
         return
     chunk = images_per_chunk(len(out), out[0].nbytes)
     parallel_chunks(math.ceil(len(out) / chunk),
-                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)), batch=len(out))
+                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)), batch=len(out),
+                    bytes_per_image=out[0].nbytes)
 
 
 def scale_shift(x, scale, shift, in_place: bool):

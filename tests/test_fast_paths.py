@@ -22,6 +22,7 @@ def small_chunks(monkeypatch):
     several chunks in several threads."""
     monkeypatch.setattr(fast, "MIN_COLUMNS", 1)
     monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 1)
+    monkeypatch.setattr(fast, "MIN_BYTES_FOR_THREADS", 0)
 
 
 @pytest.fixture
@@ -323,8 +324,9 @@ def test_tiling_pools_break_ties_like_readable(kernel, relu):
 
 
 def test_small_batches_run_as_larger_chunks(monkeypatch):
-    """Below MIN_BATCH_FOR_THREADS a batch runs in chunks of SMALL_BATCH_CHUNK_BYTES (here the
-    whole batch): the same outputs and input gradients as quarter-batch chunks in threads."""
+    """Below MIN_BATCH_FOR_THREADS (or MIN_BYTES_FOR_THREADS) a batch runs in the calling thread
+    in chunks of ONE_THREAD_CHUNK_BYTES (here the whole batch): the same outputs and input
+    gradients as quarter-batch chunks in threads."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 1, 20, 20)).astype(np.float32)
 
@@ -338,6 +340,10 @@ def test_small_batches_run_as_larger_chunks(monkeypatch):
     monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 32)
     assert fast.images_per_chunk(6, 1000, 100) == 6
     one_chunk = forward_backward(make(), x, grad_out)
+    monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 1)
+    monkeypatch.setattr(fast, "MIN_BYTES_FOR_THREADS", 2 ** 30)
+    assert not fast.runs_threaded(6, 1000) and fast.runs_threaded(6)
+    np.testing.assert_array_equal(forward_backward(make(), x, grad_out)[1], one_chunk[1])
     np.testing.assert_allclose(one_chunk[0], threaded[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(one_chunk[1], threaded[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(one_chunk[2], threaded[2]):
@@ -393,4 +399,10 @@ def test_small_batches_run_in_the_calling_thread(monkeypatch, threads):
     assert seen == {threading.get_ident()}
     seen.clear()
     fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32)
+    assert len(seen) == 2
+    monkeypatch.setattr(fast, "MIN_BYTES_FOR_THREADS", 1000)
+    seen.clear()
+    fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32, bytes_per_image=31)
+    assert seen == {threading.get_ident()}
+    fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32, bytes_per_image=32)
     assert len(seen) == 2
