@@ -13,8 +13,8 @@ here is a host NumPy array, see use_fast_path: the `# host-ok` marks say so):
   the GIL inside copies and ufunc loops, so im2col, col2im and the pooling passes,
   single-threaded in NumPy, use every core. During those sections BLAS is held to
   one thread (``threadpoolctl``), so threads x BLAS threads never exceed the cores.
-  Batches below MIN_BATCH_FOR_THREADS, and layers whose batch holds less than
-  MIN_BYTES_FOR_THREADS, skip the pool (GIL hand-offs cost more there).
+  Batches below MIN_BATCH_FOR_THREADS, and convs whose batch holds less than
+  MIN_BYTES_FOR_THREADS of im2col, skip the pool (GIL hand-offs cost more there).
 * **Reused buffers.** The chunk buffers (im2col columns, padded chunks, pooling
   temporaries) are kept per thread from one layer and one step to the next: no
   fresh allocation, no page faults. ``Module.release_saved()`` drops them.
@@ -56,10 +56,12 @@ MIN_COLUMNS = 1024
 # at every NumPy call, and a thread waiting for it is not working. Changes no result: chunk
 # boundaries never depend on the threads.
 MIN_BATCH_FOR_THREADS = 32
-# The same for layers whose whole batch holds less than this many bytes (of im2col columns for
-# a conv, of input for the others): the `default` net's layers at batch 65 (its largest, conv2's
-# im2col, is 38 MB) ran 1.3x faster in the calling thread with BLAS's 2 threads than in the pool,
-# LeNet's at batch 65 (315-436 MB) 1.1-2x slower (benchmarks/RESULTS.md, issue 14 round 4).
+# The same for convs whose whole batch holds less than this many bytes of im2col columns: the
+# `default` net's convs at batch 65 (the larger im2col, conv2's, is 38 MB) ran faster in the
+# calling thread with BLAS's 2 threads than in the pool (train step 80 -> 65 ms), LeNet's at batch
+# 65 (315-436 MB) 1.1-2x slower (benchmarks/RESULTS.md, issue 14 round 4). Max-pool, ReLU and
+# BatchNorm (no BLAS, few NumPy calls per chunk) keep the pool from MIN_BATCH_FOR_THREADS on:
+# at batch 65 that made the `default` step another 10% faster.
 MIN_BYTES_FOR_THREADS = 48 * 2 ** 20
 # Chunk size when running in the calling thread: no need to split the batch for the threads, and
 # larger chunks mean fewer NumPy calls and larger GEMMs for BLAS's threads; 4 MiB chunks stay in
@@ -140,9 +142,9 @@ def _blas_threads() -> int | None:
 
 def runs_threaded(batch: int, bytes_per_image: int | None = None) -> bool:
     """Whether a layer's chunks go to the pool: a batch of at least MIN_BATCH_FOR_THREADS whose
-    images hold at least MIN_BYTES_FOR_THREADS together (``bytes_per_image``: of im2col columns
-    for a conv, of input for the others; None: the batch alone decides). Sizes only, never the
-    thread count, so the chunks (images_per_chunk) stay thread-count free."""
+    images hold at least MIN_BYTES_FOR_THREADS together (``bytes_per_image``: of im2col columns,
+    given by the convs; None: the batch alone decides, as for max-pool, ReLU, BatchNorm). Sizes
+    only, never the thread count, so the chunks (images_per_chunk) stay thread-count free."""
     if batch < MIN_BATCH_FOR_THREADS:
         return False
     return bytes_per_image is None or batch * bytes_per_image >= MIN_BYTES_FOR_THREADS
@@ -207,16 +209,18 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _pool["executor"]
 
 
-def images_per_chunk(batch: int, bytes_per_image: int, columns_per_image: int = 0) -> int:
+def images_per_chunk(batch: int, bytes_per_image: int, columns_per_image: int = 0, threaded: bool | None = None) -> int:
     """Chunk size: ~CHUNK_BYTES per chunk, >= 1 image, <= a quarter of the batch (work for
     every thread) -- but a conv chunk has at least MIN_COLUMNS GEMM columns: deep layers with
     small images (ResNet's 7x7 and 14x14 stages) then run as one GEMM, with BLAS's own threads,
     rather than as many small pieces whose weight gradients must be added up. A layer that
-    does not run threaded (runs_threaded: run in the calling thread) gets chunks of
-    ONE_THREAD_CHUNK_BYTES instead, with no quarter-batch cap: fewer, larger NumPy and BLAS
-    calls. Depends on the sizes only (never on the thread count), which keeps results
-    thread-count free."""
-    if not runs_threaded(batch, bytes_per_image):
+    does not run threaded (``threaded``, by default runs_threaded(batch, bytes_per_image): run
+    in the calling thread) gets chunks of ONE_THREAD_CHUNK_BYTES instead, with no quarter-batch
+    cap: fewer, larger NumPy and BLAS calls. Depends on the sizes only (never on the thread
+    count), which keeps results thread-count free."""
+    if threaded is None:
+        threaded = runs_threaded(batch, bytes_per_image)
+    if not threaded:
         chunk = max(1, ONE_THREAD_CHUNK_BYTES // max(1, bytes_per_image))
         return max(1, min(chunk, batch))
     by_bytes = max(1, CHUNK_BYTES // max(1, bytes_per_image))
@@ -472,8 +476,7 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
     out = np.empty((n, c, oh, ow), dtype=x.dtype)  # host-ok
     argmax_dtype = np.uint8 if kh * kw < 256 else np.int32
     argmax = _like_layout(x, out.shape, argmax_dtype) if keep_argmax else None
-    image_bytes = x[0].size * x.itemsize
-    chunk = images_per_chunk(n, image_bytes)
+    chunk = images_per_chunk(n, x[0].size * x.itemsize, threaded=runs_threaded(n))
     # Tiling windows are read row by row (_maxpool_tiles) under no_grad, and with argmax when
     # they have at least TILES_MIN_WINDOW offsets (for 2x2, its tie-aware second pass costs more
     # than the readable loop's four strided window copies).
@@ -495,7 +498,7 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
                 np.maximum(argmax[start:stop], candidate, out=argmax[start:stop])  # host-ok
             np.maximum(best, 0, out=best)  # host-ok
 
-    parallel_chunks(math.ceil(n / chunk), work, batch=n, bytes_per_image=image_bytes)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n)
     return out, argmax
 
 
@@ -612,8 +615,7 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
     grad_x = _like_layout(argmax, x_shape, grad_output.dtype)            # laid out as x was
     overlapping = sy < kh or sx < kw
     covers_all = not overlapping and sy * oh == h + 2 * py and sx * ow == w + 2 * px
-    image_bytes = c * h * w * grad_output.itemsize
-    chunk = images_per_chunk(n, image_bytes)
+    chunk = images_per_chunk(n, c * h * w * grad_output.itemsize, threaded=runs_threaded(n))
     scatter = _tiles(layer) and kh * kw >= SCATTER_MIN_WINDOW
 
     def work(index):
@@ -641,7 +643,7 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
         if py or px:
             grad_x[start:stop] = target[:, :, py:py + h, px:px + w]
 
-    parallel_chunks(math.ceil(n / chunk), work, batch=n, bytes_per_image=image_bytes)
+    parallel_chunks(math.ceil(n / chunk), work, batch=n)
     return grad_x
 
 
@@ -724,9 +726,9 @@ def relu_forward(x, *, inplace: bool, keep_mask: bool):
     if x.ndim == 0 or x.nbytes < SMALL_BYTES:
         part(...)
     else:
-        chunk = images_per_chunk(len(x), x[0].nbytes)
+        chunk = images_per_chunk(len(x), x[0].nbytes, threaded=runs_threaded(len(x)))
         parallel_chunks(math.ceil(len(x) / chunk), lambda index: part(slice(index * chunk, (index + 1) * chunk)),
-                        batch=len(x), bytes_per_image=x[0].nbytes)
+                        batch=len(x))
     return out, mask
 
 
@@ -736,13 +738,13 @@ def multiply(a, b):
     if out.ndim == 0 or out.nbytes < SMALL_BYTES or a.shape != b.shape:
         np.multiply(a, b, out=out)
         return out
-    chunk = images_per_chunk(len(out), out[0].nbytes)
+    chunk = images_per_chunk(len(out), out[0].nbytes, threaded=runs_threaded(len(out)))
 
     def work(index):
         part = slice(index * chunk, (index + 1) * chunk)
         np.multiply(a[part], b[part], out=out[part])
 
-    parallel_chunks(math.ceil(len(out) / chunk), work, batch=len(out), bytes_per_image=out[0].nbytes)
+    parallel_chunks(math.ceil(len(out) / chunk), work, batch=len(out))
     return out
 
 
@@ -752,10 +754,9 @@ def _split_first_axis(out, work_on):
     if out.ndim == 0 or out.nbytes < SMALL_BYTES:
         work_on(slice(None))
         return
-    chunk = images_per_chunk(len(out), out[0].nbytes)
+    chunk = images_per_chunk(len(out), out[0].nbytes, threaded=runs_threaded(len(out)))
     parallel_chunks(math.ceil(len(out) / chunk),
-                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)), batch=len(out),
-                    bytes_per_image=out[0].nbytes)
+                    lambda index: work_on(slice(index * chunk, (index + 1) * chunk)), batch=len(out))
 
 
 def scale_shift(x, scale, shift, in_place: bool):
