@@ -467,7 +467,8 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
 
     The readable loop, run per chunk with the chunk's temporaries in reusable buffers; pools
     whose windows tile the image (stride = kernel, no padding: covidct's 2x2 and 4x4 pools) run
-    ``_maxpool_tiles`` instead, which reads the input row by row (contiguously).
+    ``_maxpool_tiles`` instead under no_grad, and with argmax from TILES_MIN_WINDOW offsets up
+    (the 4x4): it reads the input row by row (contiguously).
     ``relu``: also apply ReLU to the output and mark outputs <= 0 with ``no_winner``
     in argmax (see MaxPool2d.forward_after_relu).
     """
@@ -661,7 +662,9 @@ def _maxpool_scatter(grad, winner, grad_x, start, stop, kernel):
     views: kh*kw passes over the whole input gradient. Here: one fill, then one write per
     output. An output without winner (no_winner, after a fused ReLU) writes grad * 0 to its
     window's first input, as the readable version writes it there too. Windows do not overlap,
-    so every index is written at most once: no order to keep."""
+    so every index is written at most once: no order to keep. The same numbers for finite
+    gradients: where the readable version writes grad * 0 to a losing input, which is -0.0 for
+    a negative grad (or NaN for an infinite one), the fill leaves +0.0."""
     kh, kw = kernel
     target = grad_x[start:stop]
     target.fill(0)
