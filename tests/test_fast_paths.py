@@ -22,6 +22,7 @@ def small_chunks(monkeypatch):
     several chunks in several threads."""
     monkeypatch.setattr(fast, "MIN_COLUMNS", 1)
     monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 1)
+    monkeypatch.setattr(fast, "MIN_BYTES_FOR_THREADS", 0)
 
 
 @pytest.fixture
@@ -53,6 +54,8 @@ CONVS = [  # (in, out, kernel, stride, padding, input shape)
     (1, 6, 5, 2, 2, (9, 1, 16, 16)),
     (4, 3, 1, 2, 0, (3, 4, 6, 5)),
     (2, 3, 4, 3, 1, (1, 2, 10, 9)),
+    (1, 3, 3, 2, 1, (3, 1, 9, 7)),        # stride phases of odd sizes
+    (1, 4, (5, 3), (3, 2), (2, 0), (2, 1, 13, 12)),
 ]
 
 
@@ -76,6 +79,22 @@ def test_conv_matches_readable(spec, dtype):
     np.testing.assert_allclose(gw_f, gw_r, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("spec", [(5, 2, 2, (3, 1, 16, 16)), (3, 2, 1, (2, 3, 9, 7)), ((5, 3), (3, 2), (2, 0), (2, 2, 13, 12)),
+                                  (4, 3, 1, (1, 2, 10, 9)), (7, 2, 3, (2, 1, 15, 14))])
+def test_im2col_by_stride_phases_is_the_strided_gather(spec):
+    """Strided convs gather im2col through the input's stride phases (fast._im2col_by_phases):
+    the same matrix as the readable im2col, for odd sizes, paddings and a second call on a
+    smaller chunk (the phase buffer's zero border is reused)."""
+    from minicnn.im2col import im2col, output_size
+    kernel, stride, padding, shape = spec
+    conv = mc.Conv2d(shape[1], 2, kernel, stride, padding)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for part in (x, x[:1]):
+        out_hw = output_size("Conv2d", part.shape[2:], conv.kernel_size, conv.stride, conv.padding)
+        want = im2col(part, conv.kernel_size, conv.stride, conv.padding, out_hw).reshape(-1, len(part) * out_hw[0] * out_hw[1])
+        np.testing.assert_array_equal(fast._im2col_chunk(conv, part, out_hw), want)
+
+
 def test_conv_without_input_gradient():
     x = np.random.default_rng(0).standard_normal((6, 2, 8, 8)).astype(np.float32)
     conv = mc.Conv2d(2, 3, 3, padding=1, rng=np.random.default_rng(1))
@@ -89,6 +108,8 @@ POOLS = [  # (kernel, stride, padding, input shape)
     (3, 2, 1, (5, 2, 11, 10)),          # overlapping windows and padding (ResNet's stem pool)
     (3, 1, 1, (3, 2, 5, 6)),
     ((2, 3), (2, 1), 0, (6, 2, 7, 7)),
+    (4, None, 0, (5, 3, 17, 16)),        # windows that tile the image (fast._maxpool_tiles), a row left over
+    ((3, 2), None, 0, (4, 2, 9, 11)),
 ]
 
 
@@ -269,6 +290,66 @@ def test_strided_inputs_and_a_kernel_with_more_than_255_offsets():
     np.testing.assert_array_equal(fused_f[1], fused_r[1])
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("kernel", [2, 4, (3, 2), (1, 3)])
+def test_tiling_pools_break_ties_like_readable(kernel, relu):
+    """Pools whose windows tile the image read it row by row (fast._maxpool_tiles) and scatter
+    their gradient (fast._maxpool_scatter): with many ties (a later column's earlier row against
+    an earlier column's later row), channel-first input and under no_grad, the readable
+    winners, outputs and gradients."""
+    rng = np.random.default_rng(0)
+    x = np.round(rng.standard_normal((6, 3, 12, 12)), 0).astype(np.float32)     # values -3..3: ties everywhere
+    x[0, 0, 0, :2], x[0, 0, 1, :2] = (1, 5), (5, 1)                           # (0, 1) and (1, 0) tie at the max
+    x[1, 1] = 0                                                               # a whole channel of equal values
+    channel_first = np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+
+    def make():
+        return mc.Sequential(mc.ReLU(), mc.MaxPool2d(kernel)) if relu else mc.MaxPool2d(kernel)
+
+    for inputs in (x, channel_first):
+        grad_out = rng.standard_normal(make()(inputs).shape).astype(np.float32)
+        readable, fast_result = both_ways(make, inputs, grad_out)
+        np.testing.assert_array_equal(fast_result[0], readable[0])
+        np.testing.assert_array_equal(fast_result[1], readable[1])
+        pool = make()
+        with mc.no_grad():
+            np.testing.assert_array_equal(pool(inputs), readable[0])
+    with fast.disabled():
+        readable_pool = mc.MaxPool2d(kernel)
+        readable_pool(x)
+        readable_winners = readable_pool._saved[0]
+    fast_pool = mc.MaxPool2d(kernel)
+    fast_pool(x)
+    np.testing.assert_array_equal(fast_pool._saved[0], readable_winners)
+
+
+def test_small_batches_run_as_larger_chunks(monkeypatch):
+    """Below MIN_BATCH_FOR_THREADS (or MIN_BYTES_FOR_THREADS) a batch runs in the calling thread
+    in chunks of ONE_THREAD_CHUNK_BYTES (here the whole batch): the same outputs and input
+    gradients as quarter-batch chunks in threads."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1, 20, 20)).astype(np.float32)
+
+    def make():
+        layers = np.random.default_rng(1)
+        return mc.Sequential(mc.Conv2d(1, 4, 5, 2, 2, rng=layers), mc.ReLU(), mc.MaxPool2d(2),
+                             mc.Conv2d(4, 3, 3, 1, 1, rng=layers), mc.ReLU(), mc.MaxPool2d(5))
+
+    grad_out = rng.standard_normal(make()(x).shape).astype(np.float32)
+    threaded = forward_backward(make(), x, grad_out)
+    monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 32)
+    assert fast.images_per_chunk(6, 1000, 100) == 6
+    one_chunk = forward_backward(make(), x, grad_out)
+    monkeypatch.setattr(fast, "MIN_BATCH_FOR_THREADS", 1)
+    monkeypatch.setattr(fast, "MIN_BYTES_FOR_THREADS", 2 ** 30)
+    assert not fast.runs_threaded(6, 1000) and fast.runs_threaded(6)
+    np.testing.assert_array_equal(forward_backward(make(), x, grad_out)[1], one_chunk[1])
+    np.testing.assert_allclose(one_chunk[0], threaded[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one_chunk[1], threaded[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(one_chunk[2], threaded[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_conv_relu_pool_conv_stack_matches_readable():
     """conv -> ReLU -> max-pool -> conv, as in covidct's nets: the pool's gradient comes out laid
     out like the fast conv's output (F, N, OH, OW), and the stack gives the readable numbers."""
@@ -318,4 +399,10 @@ def test_small_batches_run_in_the_calling_thread(monkeypatch, threads):
     assert seen == {threading.get_ident()}
     seen.clear()
     fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32)
+    assert len(seen) == 2
+    monkeypatch.setattr(fast, "MIN_BYTES_FOR_THREADS", 1000)
+    seen.clear()
+    fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32, bytes_per_image=31)
+    assert seen == {threading.get_ident()}
+    fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32, bytes_per_image=32)
     assert len(seen) == 2
