@@ -39,7 +39,7 @@ from .model import build_model, count_parameters, preset
 from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
-from .preprocess import Preprocess, compute_normalization
+from .preprocess import RESIZE_MODES, Preprocess, compute_normalization
 from .train import DEVICES, SCHEDULES, load_split
 
 ROTATIONS = 4          # 0, 90, 180, 270 degrees: the pretext task's classes
@@ -52,6 +52,8 @@ class PretrainConfig:
     out: str = option("runs/pretrain", "run directory (default: runs/pretrain-<model>-<data name>)")
     model: str = option("default", "architecture to pretrain: default, wide, deep, resnet18, tiny, seed")
     image_size: int | None = option(None, "input size (default: the preset's; fine-tune at the same size)")
+    resize: str = option("stretch", "stretch: fill the square; pad: keep the aspect ratio on a black square "
+                                    "(pretrain as you fine-tune)", choices=RESIZE_MODES)
     epochs: int = option(30, "number of epochs (with --resume: a larger number extends the run)")
     batch_size: int = option(32, "images per batch")
     lr: float = option(1e-3, "Adam learning rate")
@@ -81,6 +83,8 @@ class PretrainConfig:
         if self.schedule not in SCHEDULES or self.step_epochs < 1:
             raise CovidCTError(f"pretrain: --schedule must be one of {SCHEDULES} and --step-epochs >= 1, got "
                                f"{self.schedule!r}, {self.step_epochs}")
+        if self.resize not in RESIZE_MODES:
+            raise CovidCTError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.device == "gpu" and not mc.gpu_available():
             raise CovidCTError(f"--device gpu: {mc.backend.gpu_status()[1]}")
         if any(transform.name in ("hflip", "vflip") for transform in parse_augment(self.augment).transforms):
@@ -122,7 +126,7 @@ class Pretrainer(EpochLoop):
             self.model_config.input_size = config.image_size
         self.model_config.num_classes = ROTATIONS
         self.model_config.feature_shape()
-        self.preprocess = Preprocess(size=self.model_config.input_size)
+        self.preprocess = Preprocess(size=self.model_config.input_size, resize=config.resize)
 
         writable_dir(self.run_dir, "--out")
         if config.cache_dir:

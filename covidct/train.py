@@ -94,8 +94,8 @@ class TrainConfig:
     lungs: str = option("none", "cut every slice to its lung fields before resizing (crop), and also blank what "
                                 "lies outside the lung mask (mask); stored in the checkpoint (covidct/lungs.py)",
                         choices=LUNG_MODES)
-    resize: str = option("pad", "pad: keep the aspect ratio on a black square; stretch: fill the square",
-                         choices=RESIZE_MODES)
+    resize: str = option("stretch", "stretch: fill the square (the cross-validated best); pad: keep the aspect "
+                                    "ratio on a black square", choices=RESIZE_MODES)
     intensity: str = option("none", "equalize: histogram-equalise every slice, so that figures with other "
                                     "windows and contrasts look alike; stored in the checkpoint",
                             choices=INTENSITY_MODES)
