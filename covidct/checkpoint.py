@@ -27,9 +27,10 @@ from .errors import CovidCTError
 from .model import build_model, config_from_dict
 
 FORMAT = "covidct-checkpoint-1"
-TASK_COVID, TASK_ROTATION = "covid", "rotation"
+TASK_COVID, TASK_ROTATION, TASK_CONTRASTIVE = "covid", "rotation", "contrastive"
 TASK_NAMES = {TASK_COVID: "COVID classifier (covidct train)",
-              TASK_ROTATION: "rotation-pretraining (covidct pretrain)"}
+              TASK_ROTATION: "rotation-pretraining (covidct pretrain)",
+              TASK_CONTRASTIVE: "contrastive-pretraining (examples/contrastive_pretrain.py)"}
 
 
 def software_versions() -> dict:
@@ -121,7 +122,7 @@ def load_checkpoint(path, device: str = "cpu", task: str | None = TASK_COVID) ->
     check_metadata(path, metadata)
     found = checkpoint_task(metadata)
     if task is not None and found != task:
-        hint = f"; use it as a starting point: covidct train --pretrained {path}" if found == TASK_ROTATION else ""
+        hint = f"; use it as a starting point: covidct train --pretrained {path}" if found in (TASK_ROTATION, TASK_CONTRASTIVE) else ""
         raise CovidCTError(f"{path}: a {TASK_NAMES.get(found, found)} checkpoint, but this needs a "
                            f"{TASK_NAMES.get(task, task)} one{hint}")
     config = config_from_dict(metadata["model_config"])

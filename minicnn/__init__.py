@@ -6,7 +6,7 @@ and PyTorch-like names, so what you learn here transfers.
 from . import fast, gradcheck, init, losses, optim, serialization
 from .backend import as_numpy, get_array_module, gpu_available, synchronize, to_device
 from .layers import AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
-from .losses import SoftmaxCrossEntropy
+from .losses import NTXentLoss, SoftmaxCrossEntropy
 from .module import Module, Parameter, Sequential
 from .init import manual_seed
 from .grad_mode import is_grad_enabled, no_grad
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Conv2d", "BatchNorm2d", "MaxPool2d", "AdaptiveAvgPool2d", "ReLU", "Linear", "Flatten", "Dropout", "Sequential", "Module", "Parameter",
-    "SoftmaxCrossEntropy", "get_array_module", "gpu_available", "to_device", "as_numpy", "synchronize",
+    "SoftmaxCrossEntropy", "NTXentLoss", "get_array_module", "gpu_available", "to_device", "as_numpy", "synchronize",
     "manual_seed", "gradcheck", "init", "losses", "optim", "serialization", "no_grad", "is_grad_enabled",
 ]
 

@@ -1,4 +1,4 @@
-"""Loss functions."""
+"""Loss functions: SoftmaxCrossEntropy (classification), NTXentLoss (contrastive pretraining)."""
 from __future__ import annotations
 
 from .backend import as_numpy, get_array_module
@@ -66,3 +66,56 @@ def check_labels(logits, labels, weight) -> None:
         raise ValueError(f"SoftmaxCrossEntropy: labels must be in [0, {k - 1}], got values in [{low}, {high}]")
     if weight is not None and len(weight) != k:
         raise ValueError(f"SoftmaxCrossEntropy: weight has {len(weight)} entries for {k} classes")
+
+
+class NTXentLoss(Module):
+    """SimCLR's contrastive loss (normalised temperature-scaled cross-entropy, Chen et al. 2020).
+
+    forward(h (2B, D)) -> scalar: rows i and i + B are embeddings of two augmented views of
+    one image (a positive pair); every other row is a negative for both.
+
+        z_i  = h_i / |h_i|                                   (unit length)
+        s_ij = z_i . z_j / temperature                       (cosine similarity, scaled)
+        loss = mean_i [ -s_{i,p(i)} + log sum_{j != i} exp s_ij ],   p(i) = (i + B) mod 2B
+
+    i.e. a (2B - 1)-way softmax cross-entropy per row whose right answer is the other view.
+    """
+
+    def __init__(self, temperature: float = 0.2):
+        if not temperature > 0:
+            raise ValueError(f"NTXentLoss: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}"
+
+    def forward(self, h):
+        xp = get_array_module(h)
+        if getattr(h, "ndim", None) != 2 or h.shape[0] < 2 or h.shape[0] % 2:
+            raise ValueError(f"NTXentLoss: expected embeddings of shape (2B, D) with B >= 1 (two views per "
+                             f"image), got shape {getattr(h, 'shape', type(h))}")
+        n = h.shape[0]
+        rows = xp.arange(n)
+        norm = xp.sqrt((h * h).sum(axis=1, keepdims=True)) + 1e-12                # (2B, 1)
+        z = h / norm                                                                # (2B, D)
+        sim = (z @ z.T) / self.temperature                                          # (2B, 2B)
+        sim[rows, rows] = -xp.inf                                                   # a row is not its own negative
+        shifted = sim - sim.max(axis=1, keepdims=True)
+        log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))    # (2B, 2B), row softmax
+        positive = (rows + n // 2) % n
+        self.save_for_backward(z, norm, xp.exp(log_probs), positive)
+        return xp.asarray(-log_probs[rows, positive].mean())
+
+    # Backward, with G = dL/ds (the cross-entropy gradient of each row, divided by 2B):
+    #   G_ij   = (softmax_ij - [j == p(i)]) / 2B
+    #   dL/dz  = (G + G^T) z / temperature         (s is symmetric in z_i and z_j)
+    #   dL/dh_i = (dz_i - z_i (z_i . dz_i)) / |h_i|  (the normalisation's Jacobian: drop the radial part)
+    def backward(self, grad_output=1.0):
+        z, norm, probs, positive = self.saved_for_backward()
+        xp = get_array_module(z)
+        n = z.shape[0]
+        grad_sim = probs.copy()
+        grad_sim[xp.arange(n), positive] -= 1
+        grad_sim *= grad_output / n
+        grad_z = (grad_sim + grad_sim.T) @ z / self.temperature
+        return ((grad_z - z * (z * grad_z).sum(axis=1, keepdims=True)) / norm).astype(z.dtype, copy=False)

@@ -186,3 +186,14 @@ def test_batchnorm2d_gradients(train, shape):
     bn.train(train)
     errors = check_module(bn, rng.standard_normal(shape))
     assert set(errors) == {"input", "weight", "bias"} and max(errors.values()) <= RTOL
+
+
+@pytest.mark.parametrize("pairs, dim, temperature", [(1, 3, 0.5), (3, 5, 0.2), (4, 2, 1.0)])
+def test_ntxent_loss_gradients(pairs, dim, temperature):
+    h = np.random.default_rng(pairs).standard_normal((2 * pairs, dim)) * 2
+    assert check_module(mc.NTXentLoss(temperature), h)["input"] <= RTOL
+
+
+def test_ntxent_loss_refuses_an_odd_batch():
+    with pytest.raises(ValueError, match=r"\(2B, D\)"):
+        mc.NTXentLoss()(np.ones((3, 4)))

@@ -93,3 +93,43 @@ def test_transfer_report_example_prints_the_side_by_side_table(data, tmp_path, c
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| default | from scratch | " in table and "| default | rotation-pretrained | " in table
     assert table in capsys.readouterr().out
+
+
+# -- examples/contrastive_pretrain.py (SimCLR) --------------------------------------------------------
+
+def _contrastive(*argv):
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "contrastive_pretrain.py"
+    spec = importlib.util.spec_from_file_location("contrastive_pretrain", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(arg) for arg in argv])
+
+
+def test_contrastive_pretraining_is_a_deterministic_starting_point(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COVIDCT_CACHE", str(tmp_path / "cache"))
+    from covidct.checkpoint import load_checkpoint
+    from covidct.model import build_model, preset
+    from covidct.train import load_pretrained_weights
+
+    options = ["--data", data, "--model", "tiny", "--epochs", 2, "--batch-size", 8]
+    assert _contrastive(*options, "--out", tmp_path / "a.npz") == 0
+    assert _contrastive(*options, "--out", tmp_path / "b.npz") == 0
+    assert "contrastive loss" in capsys.readouterr().out
+    a, _, meta = read_checkpoint(tmp_path / "a.npz")
+    b, _, _ = read_checkpoint(tmp_path / "b.npz")
+    assert meta["task"] == "contrastive" and meta["model_config"]["num_classes"] == 64
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)      # same seed, same weights
+    fresh = build_model(preset("tiny"), seed=0)
+    loaded = load_pretrained_weights(fresh, tmp_path / "a.npz", log=lambda *_: None)
+    assert loaded == len(fresh.state_dict()) - 2                                     # all but the 64-way layer
+    assert np.array_equal(fresh.state_dict()["0.weight"], a["0.weight"])
+    with pytest.raises(CovidCTError, match="contrastive-pretraining"):
+        load_checkpoint(tmp_path / "a.npz")                                         # not a classifier
+
+
+def test_contrastive_pretraining_refuses_a_bad_batch_size(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COVIDCT_CACHE", str(tmp_path / "cache"))
+    assert _contrastive("--data", data, "--batch-size", 1, "--out", tmp_path / "x.npz") != 0
+    assert "--batch-size" in capsys.readouterr().err

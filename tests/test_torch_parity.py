@@ -619,3 +619,25 @@ def test_state_dict_loads_from_torch():
     with torch.no_grad():
         expected = reference(t(x))
     assert_close(model(x), expected, what="logits")
+
+
+# -- NTXentLoss (SimCLR) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pairs, dim", [(1, 4), (6, 8), (16, 32)])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_ntxent_loss_matches_a_torch_reference(pairs, dim, temperature):
+    h = np.random.default_rng(pairs * dim).standard_normal((2 * pairs, dim)).astype(np.float32)
+    criterion = minicnn.NTXentLoss(temperature)
+    loss = criterion(h)
+    grad = criterion.backward(0.37)
+
+    h_t = t(h, requires_grad=True)                       # the usual PyTorch SimCLR implementation
+    z = F.normalize(h_t, dim=1)
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * pairs, dtype=torch.bool), float("-inf"))
+    target = (torch.arange(2 * pairs) + pairs) % (2 * pairs)
+    loss_t = F.cross_entropy(sim, target)
+    loss_t.backward(torch.tensor(0.37))
+    assert_close(np.asarray(loss), loss_t, what="loss")
+    assert_close(grad, h_t.grad, what="grad h")
+    assert grad.dtype == np.float32
