@@ -122,7 +122,8 @@ def load_checkpoint(path, device: str = "cpu", task: str | None = TASK_COVID) ->
     check_metadata(path, metadata)
     found = checkpoint_task(metadata)
     if task is not None and found != task:
-        hint = f"; use it as a starting point: covidct train --pretrained {path}" if found in (TASK_ROTATION, TASK_CONTRASTIVE) else ""
+        pretraining = found != TASK_COVID                   # rotation or contrastive: a starting point
+        hint = f"; use it as a starting point: covidct train --pretrained {path}" if pretraining else ""
         raise CovidCTError(f"{path}: a {TASK_NAMES.get(found, found)} checkpoint, but this needs a "
                            f"{TASK_NAMES.get(task, task)} one{hint}")
     config = config_from_dict(metadata["model_config"])
