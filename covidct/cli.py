@@ -46,8 +46,8 @@ def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
     add_run_arguments(parser, TrainConfig)
-    parser.add_argument("--folds", type=int, default=5, help="number of folds (grouped by source)")
-    parser.add_argument("--repeats", type=int, default=1, help="draw the folds this many times (seeds)")
+    parser.add_argument("--folds", type=int, default=None, help="number of folds (grouped by source; default 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="draw the folds this many times (seeds; default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="folds trained at once, in worker processes")
     parser.add_argument("--tta", action="store_true", help="the saved fold ensemble also averages the "
                         "left-right mirror image (test-time augmentation)")
@@ -73,20 +73,34 @@ def run_interruptible(command: str, config, work):
     try:
         return work()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved in {config.out}/last.npz; "
-              f"continue with: covidct {command} --resume {config.out}", file=sys.stderr)
+        saved = "finished folds and each fold's completed epochs are saved in" if command == "cv" else \
+            "completed epochs are saved in"
+        print(f"\ninterrupted: {saved} {config.out}; continue with: covidct {command} --resume {config.out}",
+              file=sys.stderr)
         return None
 
 
 def run_cv(args) -> int:
     from .cv import cross_validate, format_cv_table
 
-    if args.resume:
-        raise CovidCTError("covidct cv has no --resume; run it again (decoded images are cached)")
+    from .cv import load_plan
     from .train import TrainConfig
 
     config = run_config_from_args(TrainConfig, args, out_prefix="cv-")
-    result = cross_validate(config, folds=args.folds, repeats=args.repeats, jobs=args.jobs, tta=args.tta)
+    plan = {"folds": 5 if args.folds is None else args.folds, "repeats": 1 if args.repeats is None else args.repeats,
+            "tta": bool(args.tta)}
+    if args.resume:                                     # the saved plan; only --jobs may change
+        saved = load_plan(args.resume)
+        typed = {"folds": args.folds, "repeats": args.repeats, "tta": args.tta or None}
+        changed = [f"--{name}" for name, value in typed.items() if value is not None and value != saved.get(name)]
+        if changed:
+            raise CovidCTError(f"--resume {args.resume} continues the run with its saved folds, repeats and tta; "
+                               f"{', '.join(changed)} cannot change")
+        plan = saved
+    result = run_interruptible("cv", config, lambda: cross_validate(config, jobs=args.jobs, resume=bool(args.resume),
+                                                                    **plan))
+    if result is None:
+        return 130
     print(format_cv_table(result))
     print(f"\nwrote oof.csv, cv.json, cv.md and the fold ensemble ensemble.npz to {config.out}/ "
           f"({result['seconds'] / 60:.1f} min)")

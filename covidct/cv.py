@@ -28,6 +28,11 @@ repeats (and, with --tta, over each slice and its mirror image). The decision th
 or the smallest threshold reaching --target-sensitivity) and reported per fold as
 mean +/- sd. The k fold models of the first repeat are saved as one ensemble
 checkpoint that evaluate and predict take like any other.
+
+A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
+(config, folds, repeats, tta) is read back from RUN/config.json, a fold whose held-out
+predictions were written (``r<R>-fold<F>/heldout.csv``) is not trained again, and a fold
+stopped mid-way continues from its last.npz, bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -125,9 +130,10 @@ def choose_oof_threshold(labels, scores, target_sensitivity: float | None) -> tu
 
 
 # ------------------------------------------------------------------ one fold
-def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool = False):
+def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool = False, resume: bool = False):
     """Train one fold (in this process or a worker) -> (P(COVID) on the held-out fold, best.npz path).
-    tta: the held-out probability is the mean over the slice and its left-right mirror image."""
+    tta: the held-out probability is the mean over the slice and its left-right mirror image.
+    resume: continue the fold's run from its last.npz if one was saved."""
     if blas_threads:                                     # a worker shares the cores with the others
         from minicnn import fast
         fast.set_num_threads(blas_threads)
@@ -141,27 +147,87 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
     from .train import Trainer
 
     lines = []
+    run_dir = Path(config.out)
     trainer = Trainer(config, data=data, log=lines.append)
-    trainer.fit()
-    model, meta = load_checkpoint(Path(config.out) / "best.npz", config.device)
+    if resume and (run_dir / "last.npz").is_file():
+        if completed_epochs(run_dir) < config.epochs:
+            trainer.resume()
+            trainer.fit()
+        # else: training had finished; only the held-out predictions are missing
+    else:
+        trainer.fit()
+    model, meta = load_checkpoint(run_dir / "best.npz", config.device)
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     scores = predict_proba(model, test_images, mean, std, device=config.device)
     if tta:
         mirrored = predict_proba(model, test_images[..., ::-1].copy(), mean, std, device=config.device)
         scores = (scores + mirrored) / 2
-    Path(config.out, "log.txt").write_text("\n".join(str(line) for line in lines) + "\n")
-    return scores, str(Path(config.out) / "best.npz")
+    mode = "a" if resume else "w"
+    with open(run_dir / "log.txt", mode) as log_file:
+        log_file.write("".join(f"{line}\n" for line in lines))
+    return scores, str(run_dir / "best.npz")
+
+
+def completed_epochs(run_dir: Path) -> int:
+    """How many epochs the run in run_dir has completed (from its last.npz; 0 without one)."""
+    from .checkpoint import read_checkpoint
+
+    last = Path(run_dir) / "last.npz"
+    return read_checkpoint(last)[2]["epoch"] + 1 if last.is_file() else 0
+
+
+def write_heldout(run_dir: Path, paths, scores) -> None:
+    """The fold's held-out predictions, written atomically: what a resumed run reuses."""
+    import pandas as pd
+
+    partial = Path(run_dir) / "heldout.csv.partial"
+    pd.DataFrame({"file": list(paths), "p_covid": scores}).to_csv(partial, index=False)
+    os.replace(partial, Path(run_dir) / "heldout.csv")
+
+
+def read_heldout(run_dir: Path, paths):
+    """The saved held-out predictions of a fold, or None when there are none for exactly these files."""
+    import pandas as pd
+
+    saved = Path(run_dir) / "heldout.csv"
+    if not saved.is_file():
+        return None
+    frame = pd.read_csv(saved)
+    if list(frame.get("file", [])) != [str(p) for p in paths]:
+        raise CovidCTError(f"{saved}: held-out predictions for other files than this fold's; the data changed "
+                           f"since the run started, so start it again in a new --out folder")
+    return frame["p_covid"].to_numpy(dtype=np.float64)
+
+
+def save_plan(out: Path, config, folds: int, repeats: int, tta: bool) -> None:
+    """RUN/config.json: the config as given, and how the folds are made (what --resume reads)."""
+    plan = dict(asdict(config), cv={"folds": folds, "repeats": repeats, "tta": tta})
+    partial = out / "config.json.partial"
+    partial.write_text(json.dumps(plan, indent=2) + "\n")
+    os.replace(partial, out / "config.json")
+
+
+def load_plan(out: Path) -> dict:
+    """{folds, repeats, tta} saved by a cross-validation run in out."""
+    try:
+        return json.loads((Path(out) / "config.json").read_text())["cv"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CovidCTError(f"--resume {out}: not a covidct cv run folder (no config.json with a 'cv' "
+                           f"entry)") from None
 
 
 # ------------------------------------------------------------------ the whole run
-def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta: bool = False, log=print) -> dict:
+def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta: bool = False,
+                   resume: bool = False, log=print) -> dict:
     """k-fold CV of one TrainConfig over its train + val splits (protocol in the module docstring).
 
-    Writes to config.out: oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>/, ensemble.npz.
+    Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>/, ensemble.npz.
+    resume: continue a stopped run in config.out (same config, folds, repeats and tta).
     Returns the cv.json dict.
     """
     from .ensemble import save_ensemble
-    from .train import TrainData, load_extra, load_split, model_config_for, preprocess_for, pretrain_on_extra
+    from .train import (TrainData, extra_checkpoint, load_extra, load_split, model_config_for, preprocess_for,
+                        pretrain_on_extra)
 
     if repeats < 1 or jobs < 1:
         raise CovidCTError(f"--repeats and --jobs must be >= 1, got {repeats} and {jobs}")
@@ -170,6 +236,8 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_plan(out, replace(config, target_sensitivity=target), folds, repeats, tta)
     preprocess = preprocess_for(config, model_config_for(config))
     parts = [load_split(config, split, preprocess, log=log) for split in (config.train_split, config.val_split)]
     images = np.concatenate([p[0] for p in parts])
@@ -177,7 +245,11 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     paths = [path for p in parts for path in p[2]]
     extra = load_extra(config, preprocess, log) if config.extra_data else None
     if extra is not None and config.extra_mode == "pretrain":   # one start for every fold
-        config = replace(config, pretrained=pretrain_on_extra(config, extra, log), extra_data=())
+        if resume and completed_epochs(Path(extra_checkpoint(config)).parent) >= config.extra_epochs:
+            start = extra_checkpoint(config)
+        else:
+            start = pretrain_on_extra(config, extra, log)
+        config = replace(config, pretrained=start, extra_data=())
         extra = None
     groups = slice_groups(paths, labels)
     log(f"cross-validation: {len(images)} slices from {len(set(groups))} sources "
@@ -204,21 +276,32 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     started = time.perf_counter()
     oof = np.full((repeats, len(images)), np.nan)
     members = [None] * folds
+    done = {}                                           # (repeat, fold) -> held-out scores saved by a stopped run
+    if resume:
+        for repeat, fold, fold_config, data, _ in tasks:
+            scores = read_heldout(fold_config.out, data.val_paths)
+            if scores is not None:
+                done[repeat, fold] = scores
+        log(f"resuming {out}: {len(done)} of {len(tasks)} folds done")
+    todo = [task for task in tasks if (task[0], task[1]) not in done]
     blas_threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    if jobs == 1:
-        results = (_train_fold(c, d, t, None, tta) for _, _, c, d, t in tasks)
+    if jobs == 1 or not todo:
+        results = (_train_fold(c, d, t, None, tta, resume) for _, _, c, d, t in todo)
     else:
         pool = ProcessPoolExecutor(max_workers=jobs)
-        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads, tta) for _, _, c, d, t in tasks]))
-    for (repeat, fold, _, _, _), (scores, checkpoint) in zip(tasks, results):
-        oof[repeat, fold_table[repeat] == fold] = scores
-        if repeat == 0:
-            members[fold] = checkpoint
+        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads, tta, resume) for _, _, c, d, t in todo]))
+    for (repeat, fold, fold_config, data, _), (scores, _) in zip(todo, results):
+        write_heldout(fold_config.out, data.val_paths, scores)
+        done[repeat, fold] = scores
         fold_auc = roc_auc(labels[fold_table[repeat] == fold], scores)
         log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}: held-out AUC {fold_auc:.3f} "
             f"({time.perf_counter() - started:.0f}s so far)")
-    if jobs > 1:
+    if jobs > 1 and todo:
         pool.shutdown()
+    for repeat, fold, fold_config, _, _ in tasks:
+        oof[repeat, fold_table[repeat] == fold] = done[repeat, fold]
+        if repeat == 0:
+            members[fold] = str(Path(fold_config.out) / "best.npz")
 
     scores = oof.mean(axis=0)
     threshold, rule = choose_oof_threshold(labels, scores, target)

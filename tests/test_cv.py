@@ -132,3 +132,62 @@ def test_folds_in_worker_processes_give_the_same_predictions(cv_run, tmp_path):
     assert two["pooled"] == one["pooled"] and two["per_fold"] == one["per_fold"]
     with pytest.raises(CovidCTError, match="--jobs"):
         cross_validate(config, folds=2, jobs=0)
+
+
+def test_a_stopped_cv_run_resumes_to_the_same_result(cv_run, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from covidct.train import Trainer
+    config = replace(cv_run[0], extra_data=())
+    whole = cross_validate(replace(config, out=str(tmp_path / "whole")), folds=3, log=lambda *_: None)
+
+    train_epoch, epochs_run = Trainer.train_epoch, []
+
+    def stop_in_the_second_fold(self, epoch):          # fold 1: epochs 1 and 2; fold 2: epoch 1, then Ctrl-C
+        if len(epochs_run) == 3:
+            raise KeyboardInterrupt
+        epochs_run.append(epoch)
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_the_second_fold)
+    stopped = replace(config, out=str(tmp_path / "stopped"))
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(stopped, folds=3, log=lambda *_: None)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    run = tmp_path / "stopped"
+    assert (run / "r0-fold0" / "heldout.csv").is_file() and not (run / "r0-fold1" / "heldout.csv").exists()
+    assert (run / "r0-fold1" / "last.npz").is_file() and not (run / "oof.csv").exists()
+
+    logs = []
+    resumed = cross_validate(stopped, folds=3, resume=True, log=logs.append)
+    assert any("1 of 3 folds done" in line for line in logs)
+    assert sum("held-out AUC" in line for line in logs) == 2                  # folds 2 and 3 only
+    assert "resuming" in (run / "r0-fold1" / "log.txt").read_text()           # continued, not restarted
+    assert resumed["pooled"] == whole["pooled"] and resumed["per_fold"] == whole["per_fold"]
+
+
+def test_cv_resume_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    data = write_dataset(tmp_path / "data", n=24, seed=2, size=32)
+    run = tmp_path / "run"
+
+    def covidct_cv(*args):
+        return subprocess.run([sys.executable, "-m", "covidct", "cv", *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
+
+    first = covidct_cv("--data", data, "--out", run, "--model", "tiny", "--epochs", "1", "--batch-size", "8",
+                       "--folds", "2", "--no-progress", "--cache-dir", tmp_path / "cache")
+    assert first.returncode == 0, first.stderr
+    assert json.loads((run / "config.json").read_text())["cv"] == {"folds": 2, "repeats": 1, "tta": False}
+    again = covidct_cv("--resume", run)
+    assert again.returncode == 0, again.stderr
+    assert "2 of 2 folds done" in again.stdout and again.stdout.split("Cross-validation:")[1] == \
+        first.stdout.split("Cross-validation:")[1]
+    for args, message in [(("--resume", run, "--folds", "3"), "--folds cannot change"),
+                          (("--resume", run, "--lr", "0.1"), "--lr cannot change"),
+                          (("--resume", data), "no config.json there"),
+                          (("--resume", run / "r0-fold0"), "not a covidct cv run folder")]:
+        refused = covidct_cv(*args)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
