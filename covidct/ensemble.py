@@ -16,6 +16,9 @@ The Ensemble returns log p as its "logits", so softmax(log p) = p and every call
 that applies a softmax gets the averaged probabilities back unchanged. Each member
 normalises the [0, 1] input with its own training statistics, so the checkpoint's
 own normalisation is the identity (mean 0, std 1).
+
+Grad-CAM (covidct.gradcam) averages the members' heatmaps; ONNX export (covidct.export)
+writes the same mean of softmaxes as one graph.
 """
 from __future__ import annotations
 
@@ -63,8 +66,8 @@ class Ensemble(mc.Module):
         return xp.log(xp.maximum(mean_probs, np.float32(1e-30))).astype(np.float32)
 
     def backward(self, grad):
-        raise CovidCTError("an ensemble is for inference only (evaluate, predict); "
-                           "Grad-CAM and training take one of its member checkpoints")
+        raise CovidCTError("an ensemble is for inference only (evaluate, predict, Grad-CAM); "
+                           "training takes one of its member checkpoints")
 
 
 def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False, info: dict | None = None) -> Path:

@@ -18,6 +18,9 @@ class names. minicnn layer -> ONNX operator:
     ReLU -> Relu            MaxPool2d -> MaxPool        AdaptiveAvgPool2d(1) -> GlobalAveragePool
     Flatten -> Flatten      Linear -> Gemm (transB=1)   Dropout -> nothing (identity in eval)
     BasicBlock -> its layers, then Add of the shortcut and Relu
+    Ensemble (covidct.ensemble) -> every member on its own normalisation of the image (with
+               flip TTA: on the batch and its mirror image, Concat + Slice), Softmax, the
+               mean probability, Log: its "logits", so the final Softmax gives that mean back
 
 safetensors layout: 8 bytes little-endian u64 = n, n bytes of JSON header
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
@@ -36,6 +39,7 @@ from minicnn.models.resnet import BACKBONE, HEAD, ResNet
 from minicnn.serialization import atomic_write
 
 from . import CLASS_NAMES
+from .ensemble import Ensemble
 from .errors import CovidCTError
 from .scan import window_from_metadata
 
@@ -134,7 +138,34 @@ class _GraphBuilder:
             return self.node("Gemm", inputs, prefix, transB=1)
         if isinstance(module, mc.Dropout):
             return x                                     # eval mode: the identity
+        if isinstance(module, Ensemble):
+            return self.emit_ensemble(module, x, prefix)
         raise CovidCTError(f"ONNX export: no ONNX operator known for {type(module).__name__} ({prefix or 'model'})")
+
+    def emit_ensemble(self, ensemble, x: str, prefix: str) -> str:
+        """log(mean of the members' softmax), as covidct.ensemble.Ensemble.forward computes it."""
+        join = (lambda name: f"{prefix}.{name}" if prefix else name)
+        int64 = (lambda name, values: self.constant(join(name), np.array(values, np.int64)))
+        if ensemble.tta:                                 # (2N, C, H, W): the batch, then its mirror images
+            mirrored = self.node("Slice", [x, int64("tta.starts", [-1]), int64("tta.ends", [-2 ** 63]),
+                                           int64("tta.axes", [3]), int64("tta.steps", [-1])], join("tta"))
+            x = self.node("Concat", [x, mirrored], join("tta"), axis=0)
+        probabilities = []
+        for i, (member, (mean, std)) in enumerate(zip(ensemble.members, ensemble.normalizations)):
+            name = join(f"member{i}")
+            mean = self.constant(f"{name}.normalization.mean", np.array(mean, np.float32))
+            std = self.constant(f"{name}.normalization.std", np.array(std, np.float32))
+            normalized = self.node("Div", [self.node("Sub", [x, mean], name), std], name)
+            probabilities.append(self.node("Softmax", [self.emit(member, normalized, name)], name, axis=1))
+        total = self.node("Sum", probabilities, prefix) if len(probabilities) > 1 else probabilities[0]
+        count = self.constant(join("members.count"), np.array(len(probabilities), np.float32))
+        mean_probability = self.node("Div", [total, count], prefix)
+        if ensemble.tta:                                 # (2, N, classes) -> mean over the two views
+            shape = int64("tta.shape", [2, -1, len(CLASS_NAMES)])
+            mean_probability = self.node("ReduceMean", [self.node("Reshape", [mean_probability, shape], prefix)],
+                                         prefix, axes=[0], keepdims=0)
+        floor = self.constant(join("log.floor"), np.array(1e-30, np.float32))
+        return self.node("Log", [self.node("Max", [mean_probability, floor], prefix)], prefix)
 
 
 def export_onnx(model: mc.Module, meta: dict, path) -> Path:

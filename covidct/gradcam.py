@@ -21,6 +21,10 @@ layer run backward, from a one-hot on the class logit. Nothing is trained: the
 model runs in eval mode (its mode is restored afterwards), weights are not
 touched, and every parameter's ``.grad`` is put back to what it was before the
 call (None for a model that is not in the middle of a training step).
+
+For an ensemble (covidct.ensemble) the heatmap is the mean of its members' heatmaps,
+each member on its own normalisation of the input (and, with flip TTA, also on the
+mirror image, its heatmap mirrored back), rescaled to a maximum of 1.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from PIL import Image
 import minicnn as mc
 from minicnn.models.resnet import BACKBONE, HEAD, ResNet
 
+from .ensemble import Ensemble
 from .errors import CovidCTError
 from .lungs import lung_mask, otsu_threshold  # noqa: F401  (re-exported)
 
@@ -116,6 +121,8 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
     return_logits: also return the logits (N, num_classes) of the same forward pass.
     """
     x = _check_input(x)
+    if isinstance(model, Ensemble):
+        return _ensemble_gradcam(model, x, target_class, layer_index, batch_size, return_logits)
     layers = _layers(model)
     index = default_layer_index(model) if layer_index is None else int(layer_index)
     if not 0 <= index < len(layers) - 1:
@@ -162,13 +169,38 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
     return heatmaps
 
 
+def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return_logits):
+    """The mean of the members' heatmaps (x identity-normalised, as the ensemble takes it)."""
+    xp = mc.get_array_module(x)
+    total = np.zeros((x.shape[0],) + tuple(x.shape[2:]), np.float64)
+    for member, (mean, std) in zip(ensemble.members, ensemble.normalizations):
+        for mirrored in ((False, True) if ensemble.tta else (False,)):
+            view = xp.ascontiguousarray(x[..., ::-1]) if mirrored else x
+            heatmaps = gradcam(member, (view - np.float32(mean)) / np.float32(std), target_class, layer_index,
+                               batch_size)
+            total += heatmaps[..., ::-1] if mirrored else heatmaps
+    top = total.max(axis=(1, 2), keepdims=True)
+    heatmaps = (total / np.where(top > 0, top, 1.0)).astype(np.float32)
+    if not return_logits:
+        return heatmaps
+    with _Quiet(ensemble), mc.no_grad():
+        logits = np.concatenate([mc.as_numpy(ensemble(x[start:start + batch_size]))
+                                 for start in range(0, len(x), batch_size)])
+    return heatmaps, logits
+
+
 def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
     """Every Conv2d and pooling output for normalized images x (N, C, H, W), in eval mode.
 
     -> [("0 Conv2d", (N, F, h, w)), ("2 MaxPool2d", ...), ...]; names are "<index> <layer type>".
-    Stops at the first Flatten (the classifier head is not a feature map).
+    Stops at the first Flatten (the classifier head is not a feature map). An ensemble shows its
+    first member's, on that member's normalisation ("member0.0 Conv2d", ...).
     """
     x = _check_input(x)
+    if isinstance(model, Ensemble):
+        mean, std = model.normalizations[0]
+        first = feature_maps(model.members[0], (x - np.float32(mean)) / np.float32(std))
+        return [(f"member0.{name}", activation) for name, activation in first]
     maps = []
     with _Quiet(model), mc.no_grad():
         out = x

@@ -33,6 +33,7 @@ import minicnn as mc
 
 from . import CLASS_NAMES
 from .checkpoint import load_checkpoint
+from .ensemble import Ensemble
 from .errors import CovidCTError, DataError
 from .preprocess import Preprocess, input_lung_mask, load_image, normalize, read_gray
 
@@ -90,8 +91,15 @@ def tile_maps(maps: np.ndarray, gap: int = 1) -> np.ndarray:
     return grid
 
 
-def first_conv(model) -> mc.Conv2d:
-    return next(module for module in model.modules() if isinstance(module, mc.Conv2d))
+def first_conv(model, x):
+    """(the first Conv2d, its input for the normalised batch x, its description) for the page;
+    an ensemble shows its first member's, on that member's own normalisation."""
+    label = ""
+    if isinstance(model, Ensemble):
+        (mean, std), count = model.normalizations[0], len(model.normalizations)
+        model, x, label = model.members[0], (x - np.float32(mean)) / np.float32(std), f" (member 1 of {count})"
+    conv = next(module for module in model.modules() if isinstance(module, mc.Conv2d))
+    return conv, x, describe_conv(conv) + label
 
 
 def describe_conv(conv: mc.Conv2d) -> str:
@@ -143,8 +151,8 @@ def analyse_upload(served: ServedModel, data: bytes, filename: str = "upload") -
     x = mc.to_device(normalize(image[None], served.mean, served.std), served.device)
     with served.lock:
         heatmap, logits = gradcam(served.model, x, target_class=1, return_logits=True)
-        conv = first_conv(served.model)
-        maps = mc.as_numpy(conv(x))[0]                                  # (F, h, w)
+        conv, conv_input, layer = first_conv(served.model, x)
+        maps = mc.as_numpy(conv(conv_input))[0]                         # (F, h, w)
         served.model.release_saved()
     shifted = np.exp(logits[0] - logits[0].max())
     p_covid = float(shifted[1] / shifted.sum())
@@ -158,7 +166,7 @@ def analyse_upload(served: ServedModel, data: bytes, filename: str = "upload") -
         "label": CLASS_NAMES[int(p_covid >= served.threshold)],
         "lung_fraction": float(mask.mean()),
         "gradcam_in_lungs": None if not np.isfinite(inside) else float(inside),
-        "feature_maps": {"count": int(maps.shape[0]), "layer": describe_conv(conv)},
+        "feature_maps": {"count": int(maps.shape[0]), "layer": layer},
         "images": {
             "slice": png_data_uri(gray),
             "gradcam": png_data_uri(heat_overlay(gray, heatmap[0])),

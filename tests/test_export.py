@@ -55,6 +55,24 @@ def test_onnx_export_runs_in_onnxruntime_like_minicnn(checkpoint, tmp_path, caps
     assert np.ptp(logits[:, 1]) > 1e-4                            # the inputs give different answers
 
 
+
+@pytest.mark.parametrize("tta", [False, True], ids=["plain", "tta"])
+def test_onnx_export_of_a_fold_ensemble(tmp_path, tta):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from covidct.ensemble import save_ensemble
+    members = [write_checkpoint(tmp_path / f"m{seed}.npz", "tiny", seed=seed, epoch=3) for seed in (1, 2)]
+    path = save_ensemble(tmp_path / "ensemble.npz", members, threshold=0.4, tta=tta)
+    out = tmp_path / "ensemble.onnx"
+    assert main(["export", "--checkpoint", str(path), "--format", "onnx", "--out", str(out)]) == 0
+    ensemble, meta = load_checkpoint(path)
+    x = images(meta["preprocess"]["size"], n=4)
+    expected = predict_logits(ensemble, x, 0.0, 1.0)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits, probabilities = session.run(["logits", "probabilities"], {"image": x})
+    np.testing.assert_allclose(probabilities, np.exp(expected), atol=1e-6)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
 def test_safetensors_export_loads_into_torch(checkpoint, tmp_path, monkeypatch):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     out = tmp_path / "model.safetensors"

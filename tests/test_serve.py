@@ -78,6 +78,20 @@ def test_png_upload_gives_the_cli_number_and_four_pictures(client, checkpoint, t
     assert list(private_tmp.iterdir()) == [] and list(workdir.iterdir()) == []   # nothing left behind
 
 
+
+def test_an_ensemble_checkpoint_is_served_like_one_model(tmp_path):
+    from covidct.ensemble import save_ensemble
+    members = [write_checkpoint(tmp_path / f"m{seed}.npz", "tiny", seed=seed, epoch=3) for seed in (1, 2)]
+    ensemble = save_ensemble(tmp_path / "ensemble.npz", members, threshold=0.45, tta=True)
+    path = phantom_png(tmp_path / "slice.png", seed=3)
+    reply = post(create_app(ensemble).test_client(), path.read_bytes(), "slice.png")
+    assert reply.status_code == 200, reply.get_json()
+    result = reply.get_json()
+    rows, failures, _ = predict_files(ensemble, [path])
+    assert not failures and result["p_covid"] == pytest.approx(rows[0]["p_covid"], abs=1e-6)
+    assert result["threshold"] == 0.45 and result["feature_maps"]["layer"].endswith("(member 1 of 2)")
+    assert decode(result["images"]["gradcam"]).size == (SIZE, SIZE)
+
 def test_dicom_upload_goes_through_the_ct_window(client, checkpoint, tmp_path):
     pytest.importorskip("pydicom")
     from test_scan import phantom, write_dicom

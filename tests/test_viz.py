@@ -73,6 +73,32 @@ def test_default_layer_is_the_last_conv_relu():
     assert gradcam(deep_model, np.ones((2, 1, 32, 32), np.float32)).shape == (2, 32, 32)
 
 
+
+def test_gradcam_of_an_ensemble_is_the_mean_of_its_members():
+    from covidct.ensemble import Ensemble
+    members = [build_model(preset("tiny"), seed=seed).eval() for seed in (1, 2)]
+    normalizations = [(0.5, 0.25), (0.1, 2.0)]
+    x = np.random.default_rng(1).random((3, 1, 32, 32), dtype=np.float32)      # [0, 1], as an ensemble takes it
+
+    def rescaled(total):
+        return total / total.max(axis=(1, 2), keepdims=True)
+
+    alone = [gradcam(m, (x - np.float32(mean)) / np.float32(std)) for m, (mean, std) in zip(members, normalizations)]
+    ensemble = Ensemble(members, normalizations).eval()
+    heatmaps, logits = gradcam(ensemble, x, return_logits=True)
+    assert np.allclose(heatmaps, rescaled(alone[0] + alone[1]), atol=1e-6)
+    assert np.allclose(logits, ensemble(x), atol=1e-6)
+    mirror = x[..., ::-1].copy()
+    mirrored = [gradcam(m, (mirror - np.float32(mean)) / np.float32(std))[..., ::-1]
+                for m, (mean, std) in zip(members, normalizations)]
+    with_tta = gradcam(Ensemble(members, normalizations, tta=True), x)
+    assert np.allclose(with_tta, rescaled(sum(alone) + sum(mirrored)), atol=1e-6)
+    assert not np.allclose(with_tta, heatmaps, atol=1e-3)
+    first = feature_maps(members[0], (x - np.float32(0.5)) / np.float32(0.25))
+    shown = feature_maps(ensemble, x)
+    assert [name for name, _ in shown] == [f"member0.{name}" for name, _ in first]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(shown, first))
+
 def left_half_model(size=16):
     """Channel 0 detects bright spots, channel 1 dark spots; the COVID logit reads channel 0 in the
     LEFT half of the image only, and nothing else."""
