@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train_step.py                  # full: default, lenet, seed at batch 12 and 65
     python benchmarks/bench_train_step.py --quick          # default + lenet, batch 12, 2 repeats (< 1 min)
+    python benchmarks/bench_train_step.py --models default --batches 12,65 --backends numpy,torch --rounds 5
+                                                           # five turns each, times pooled: steadier ratios
     python benchmarks/bench_train_step.py --models resnet18 --batches 8,32 --backends numpy,torch,torch-cl
                                                            # ResNet-18 at 1x224x224 (covidct --model resnet18)
     python benchmarks/bench_train_step.py --models default --batches 32 --backends numpy,torch \\
@@ -26,6 +28,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -253,6 +256,29 @@ LIBRARY = {"minicnn-numpy": "numpy", "minicnn-cupy": "cupy", "torch-cpu": "torch
            "torch-cuda": "torch-cuda"}
 
 
+def pool_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One result per case from several rounds of the same cases: the timed steps of every round
+    pooled (median, min, max over all of them), the largest memory figures; a case that failed in
+    any round is reported as that error."""
+    pooled = []
+    for runs in zip(*rounds):
+        failed = next((run for run in runs if "error" in run), None)
+        if failed is not None or len(runs) == 1:
+            pooled.append(failed or runs[0])
+            continue
+        result = dict(runs[0], rounds=len(runs))
+        for mode in ("train", "infer"):
+            times = [t for run in runs for t in run[mode]["times"]]
+            result[mode] = dict(runs[0][mode], times=times, repeats=len(times), median=statistics.median(times),
+                                min=min(times), max=max(times), mean=statistics.fmean(times),
+                                round_medians=[run[mode]["median"] for run in runs])
+            for key in ("mem_extra_bytes", "mem_peak_bytes"):
+                values = [run[mode][key] for run in runs if run[mode][key] is not None]
+                result[mode][key] = max(values) if values else None
+        pooled.append(result)
+    return pooled
+
+
 def rows_from(results: list[dict]) -> list[dict]:
     """One row per (model, batch, backend, mode), with ratios to the torch runs of the same case."""
     rows = []
@@ -290,7 +316,8 @@ def print_report(machine: dict, args, rows: list[dict], results: list[dict], ski
     print(common.describe_markdown(machine))
     print(f"- repeats: {args.repeats} timed after {args.warmup} warm-up (+1 untimed memory step); "
           f"SGD lr={LR} momentum={MOMENTUM}; threads: {args.threads or 'library defaults'}; "
-          f"processes: one per {args.isolate if args.isolate != 'none' else 'run (all in one)'}")
+          f"processes: one per {args.isolate if args.isolate != 'none' else 'run (all in one)'}"
+          + (f"; {args.rounds} rounds, the backends taking turns, times pooled" if args.rounds > 1 else ""))
     for backend, why in skipped.items():
         print(f"- skipped {backend}: {why}")
     print()
@@ -345,6 +372,10 @@ def main(argv=None) -> int:
     parser.add_argument("--isolate", choices=("case", "library", "none"), default=None,
                         help="process per case (default: cleanest memory numbers), per library "
                              "(--quick's default: pays torch's import once), or none (all in this process)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every case this many times, the backends taking turns (all cases once, then "
+                             "again, ...); a case's times are pooled over its rounds, so load that comes and "
+                             "goes on a shared machine falls on both libraries alike (default 1)")
     parser.add_argument("--json", metavar="FILE", help="also write the machine, settings and rows as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -379,19 +410,26 @@ def main(argv=None) -> int:
         groups = list(groups.values())
     else:
         groups = [specs]
-    results = []
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    rounds = []
     start = time.perf_counter()
-    for group in groups:
-        group_start = time.perf_counter()
-        done = run_cases(group) if args.isolate == "none" else run_in_child(group)
-        results += done
-        for result in done:
-            status = result.get("error") or (f"train {result['train']['median'] * 1e3:.1f} ms, "
-                                             f"infer {result['infer']['median'] * 1e3:.1f} ms")
-            print(f"[{time.perf_counter() - start:6.1f} s] {result['model']} batch {result['batch']} "
-                  f"{result['backend']}: {status}", file=sys.stderr, flush=True)
-        print(f"         ({len(group)} case(s) in {time.perf_counter() - group_start:.1f} s)",
-              file=sys.stderr, flush=True)
+    for round_index in range(args.rounds):
+        results = []
+        for group in groups:
+            group_start = time.perf_counter()
+            done = run_cases(group) if args.isolate == "none" else run_in_child(group)
+            results += done
+            for result in done:
+                status = result.get("error") or (f"train {result['train']['median'] * 1e3:.1f} ms, "
+                                                 f"infer {result['infer']['median'] * 1e3:.1f} ms")
+                print(f"[{time.perf_counter() - start:6.1f} s] round {round_index + 1}/{args.rounds} "
+                      f"{result['model']} batch {result['batch']} {result['backend']}: {status}",
+                      file=sys.stderr, flush=True)
+            print(f"         ({len(group)} case(s) in {time.perf_counter() - group_start:.1f} s)",
+                  file=sys.stderr, flush=True)
+        rounds.append(results)
+    results = pool_rounds(rounds)
     order = {(s["model"], s["batch"], s["backend"]): i for i, s in enumerate(specs)}
     results.sort(key=lambda r: order[(r["model"], r["batch"], r["backend"])])
     rows = rows_from(results)
@@ -400,7 +438,7 @@ def main(argv=None) -> int:
         common.write_json(args.json, {
             "benchmark": "train_step", "machine": machine,
             "settings": {"models": models, "batches": batches, "backends": backends, "repeats": args.repeats,
-                         "warmup": args.warmup, "threads": args.threads, "quick": args.quick,
+                         "warmup": args.warmup, "threads": args.threads, "quick": args.quick, "rounds": args.rounds,
                          "isolate": args.isolate, "lr": LR, "momentum": MOMENTUM},
             "skipped": skipped, "rows": rows,
             "errors": [r for r in results if "error" in r]})

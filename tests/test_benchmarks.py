@@ -61,6 +61,28 @@ def test_bench_train_step_quick(tmp_path):
     assert "| minicnn-numpy" in result.stdout and "# minicnn training-step benchmark" in result.stdout
 
 
+
+def test_rounds_pool_the_timed_steps_of_every_round():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import bench_train_step
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+
+    def case(times, extra, backend="minicnn-numpy"):
+        timing = {"times": times, "median": float(np.median(times)), "min": min(times), "max": max(times),
+                  "repeats": len(times), "mem_extra_bytes": extra, "mem_peak_bytes": extra + 100}
+        return {"model": "default", "batch": 12, "backend": backend, "train": dict(timing), "infer": dict(timing)}
+
+    first = [case([1.0, 2.0, 3.0], 10), case([5.0], 1, "torch-cpu")]
+    second = [case([4.0, 5.0, 6.0], 30), {"model": "default", "batch": 12, "backend": "torch-cpu", "error": "boom"}]
+    pooled = bench_train_step.pool_rounds([first, second])
+    train = pooled[0]["train"]
+    assert train["times"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and train["median"] == 3.5 and train["repeats"] == 6
+    assert train["round_medians"] == [2.0, 5.0] and train["mem_extra_bytes"] == 30 and pooled[0]["rounds"] == 2
+    assert pooled[1]["error"] == "boom"                          # a failure in any round is reported
+    assert bench_train_step.pool_rounds([first]) == first
+
 def test_bench_layers_quick(tmp_path):
     out = tmp_path / "layers.json"
     result = run("bench_layers.py", "--json", str(out))
