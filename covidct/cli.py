@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -32,12 +33,13 @@ def synthetic_dataset(n: int = SYNTHETIC_DEFAULTS["n"], seed: int = SYNTHETIC_DE
 
 
 # -- train and pretrain: flags from the config dataclasses --------------------------------------
-def add_run_arguments(parser: argparse.ArgumentParser, config_class) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, config_class,
+                      resume_help: str = "continue a stopped run from RUN_DIR/last.npz (with a larger --epochs: "
+                                         "extend a finished one)") -> None:
     """--resume and one flag per config field (covidct.options)."""
     from .options import add_config_arguments
 
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.npz "
-                        "(with a larger --epochs: extend a finished one)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help=resume_help)
     add_config_arguments(parser, config_class)
 
 
@@ -45,7 +47,8 @@ def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
     """covidct train's flags, and how the folds are made and run."""
     from .train import TrainConfig
 
-    add_run_arguments(parser, TrainConfig)
+    add_run_arguments(parser, TrainConfig, resume_help="continue a stopped cross-validation in RUN_DIR with its "
+                      "saved options (finished folds are kept, a stopped fold continues from its last.npz)")
     parser.add_argument("--folds", type=int, default=None, help="number of folds (grouped by source; default 5)")
     parser.add_argument("--repeats", type=int, default=None, help="draw the folds this many times (seeds; default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="folds trained at once, in worker processes")
@@ -97,6 +100,10 @@ def run_cv(args) -> int:
             raise CovidCTError(f"--resume {args.resume} continues the run with its saved folds, repeats and tta; "
                                f"{', '.join(changed)} cannot change")
         plan = saved
+        epochs = json.loads((Path(args.resume) / "config.json").read_text())["epochs"]
+        if config.epochs != epochs:
+            raise CovidCTError(f"--resume {args.resume}: the folds train for {epochs} epochs; --epochs cannot "
+                               f"change in a cross-validation (start a new run to compare)")
     result = run_interruptible("cv", config, lambda: cross_validate(config, jobs=args.jobs, resume=bool(args.resume),
                                                                     **plan))
     if result is None:
@@ -296,6 +303,7 @@ EXAMPLES = {
              "  covidct train --resume runs/default-covid-ct\n"
              "  mpiexec -n 2 covidct train --distributed --data ../shared/covid-ct   # 2 processes",
     "cv": "examples:\n  covidct cv --data ../shared/covid-ct --folds 5 --lungs crop --jobs 2\n"
+          "  covidct cv --resume runs/cv-default-covid-ct --jobs 2     # continue a stopped run\n"
           "  covidct evaluate --checkpoint runs/cv-default-covid-ct/ensemble.npz --data ../shared/covid-ct --split val",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
                 "--out runs/ssl-default\n"

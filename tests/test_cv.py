@@ -186,6 +186,7 @@ def test_cv_resume_on_the_command_line(tmp_path):
         first.stdout.split("Cross-validation:")[1]
     for args, message in [(("--resume", run, "--folds", "3"), "--folds cannot change"),
                           (("--resume", run, "--lr", "0.1"), "--lr cannot change"),
+                          (("--resume", run, "--epochs", "3"), "--epochs cannot change"),
                           (("--resume", data), "no config.json there"),
                           (("--resume", run / "r0-fold0"), "not a covidct cv run folder")]:
         refused = covidct_cv(*args)
