@@ -68,7 +68,7 @@ class TrainConfig:
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up")
     step_epochs: int = option(15, "step schedule: lr *= 0.1 every this many epochs")
     class_weights: str = option("balanced", "loss weight per class: balanced, none, or 'w0,w1'")
-    augment: str = option("flip,rotate:10,translate:0.06,contrast:0.15,crop:0.85",
+    augment: str = option("flip,rotate:10",
                           "e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; 'none'")
     seed: int = option(0, "random seed (weights, order, augmentation)")
     device: str = option("cpu", "where to train", choices=DEVICES)
