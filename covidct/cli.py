@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -84,23 +83,19 @@ def run_interruptible(command: str, config, work):
 
 
 def run_cv(args) -> int:
-    from .cv import cross_validate, format_cv_table
-
-    from .cv import load_plan
+    from .cv import cross_validate, format_cv_table, load_plan
     from .train import TrainConfig
 
     config = run_config_from_args(TrainConfig, args, out_prefix="cv-")
     plan = {"folds": 5 if args.folds is None else args.folds, "repeats": 1 if args.repeats is None else args.repeats,
             "tta": bool(args.tta)}
     if args.resume:                                     # the saved plan; only --jobs may change
-        saved = load_plan(args.resume)
+        plan, epochs = load_plan(args.resume)
         typed = {"folds": args.folds, "repeats": args.repeats, "tta": args.tta or None}
-        changed = [f"--{name}" for name, value in typed.items() if value is not None and value != saved.get(name)]
+        changed = [f"--{name}" for name, value in typed.items() if value is not None and value != plan.get(name)]
         if changed:
             raise CovidCTError(f"--resume {args.resume} continues the run with its saved folds, repeats and tta; "
                                f"{', '.join(changed)} cannot change")
-        plan = saved
-        epochs = json.loads((Path(args.resume) / "config.json").read_text())["epochs"]
         if config.epochs != epochs:
             raise CovidCTError(f"--resume {args.resume}: the folds train for {epochs} epochs; --epochs cannot "
                                f"change in a cross-validation (start a new run to compare)")

@@ -186,7 +186,8 @@ def write_heldout(run_dir: Path, paths, scores) -> None:
 
 
 def read_heldout(run_dir: Path, paths):
-    """The saved held-out predictions of a fold, or None when there are none for exactly these files."""
+    """The saved held-out predictions of a fold (None when it has not finished); a CovidCTError when
+    they are for other files than ``paths``."""
     import pandas as pd
 
     saved = Path(run_dir) / "heldout.csv"
@@ -207,10 +208,11 @@ def save_plan(out: Path, config, folds: int, repeats: int, tta: bool) -> None:
     os.replace(partial, out / "config.json")
 
 
-def load_plan(out: Path) -> dict:
-    """{folds, repeats, tta} saved by a cross-validation run in out."""
+def load_plan(out: Path) -> tuple[dict, int]:
+    """({folds, repeats, tta}, epochs per fold) saved by a cross-validation run in out."""
     try:
-        return json.loads((Path(out) / "config.json").read_text())["cv"]
+        saved = json.loads((Path(out) / "config.json").read_text())
+        return saved["cv"], saved["epochs"]
     except (OSError, ValueError, KeyError, TypeError):
         raise CovidCTError(f"--resume {out}: not a covidct cv run folder (no config.json with a 'cv' "
                            f"entry)") from None

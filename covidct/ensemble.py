@@ -51,14 +51,19 @@ class Ensemble(mc.Module):
     def members(self):
         return self.children()
 
+    def member_input(self, x, index: int):
+        """x (in [0, 1], identity-normalised) on member ``index``'s own normalisation."""
+        mean, std = self.normalizations[index]
+        return (x - np.float32(mean)) / np.float32(std)
+
     def forward(self, x):
         """x: (N, C, H, W) in [0, 1] (identity-normalised) -> log of the mean probability (N, classes)."""
         xp = mc.get_array_module(x)
         views = [x, xp.ascontiguousarray(x[..., ::-1])] if self.tta else [x]
         total = 0.0
-        for model, (mean, std) in zip(self.members, self.normalizations):
+        for index, model in enumerate(self.members):
             for view in views:
-                logits = model((view - np.float32(mean)) / np.float32(std))
+                logits = model(self.member_input(view, index))
                 shifted = logits - logits.max(axis=1, keepdims=True)
                 probs = xp.exp(shifted)
                 total = total + probs / probs.sum(axis=1, keepdims=True)

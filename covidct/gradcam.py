@@ -173,11 +173,10 @@ def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return
     """The mean of the members' heatmaps (x identity-normalised, as the ensemble takes it)."""
     xp = mc.get_array_module(x)
     total = np.zeros((x.shape[0],) + tuple(x.shape[2:]), np.float64)
-    for member, (mean, std) in zip(ensemble.members, ensemble.normalizations):
+    for index, member in enumerate(ensemble.members):
         for mirrored in ((False, True) if ensemble.tta else (False,)):
             view = xp.ascontiguousarray(x[..., ::-1]) if mirrored else x
-            heatmaps = gradcam(member, (view - np.float32(mean)) / np.float32(std), target_class, layer_index,
-                               batch_size)
+            heatmaps = gradcam(member, ensemble.member_input(view, index), target_class, layer_index, batch_size)
             total += heatmaps[..., ::-1] if mirrored else heatmaps
     top = total.max(axis=(1, 2), keepdims=True)
     heatmaps = (total / np.where(top > 0, top, 1.0)).astype(np.float32)
@@ -198,8 +197,7 @@ def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:
     """
     x = _check_input(x)
     if isinstance(model, Ensemble):
-        mean, std = model.normalizations[0]
-        first = feature_maps(model.members[0], (x - np.float32(mean)) / np.float32(std))
+        first = feature_maps(model.members[0], model.member_input(x, 0))
         return [(f"member0.{name}", activation) for name, activation in first]
     maps = []
     with _Quiet(model), mc.no_grad():

@@ -96,8 +96,7 @@ def first_conv(model, x):
     an ensemble shows its first member's, on that member's own normalisation."""
     label = ""
     if isinstance(model, Ensemble):
-        (mean, std), count = model.normalizations[0], len(model.normalizations)
-        model, x, label = model.members[0], (x - np.float32(mean)) / np.float32(std), f" (member 1 of {count})"
+        model, x, label = model.members[0], model.member_input(x, 0), f" (member 1 of {len(model.members)})"
     conv = next(module for module in model.modules() if isinstance(module, mc.Conv2d))
     return conv, x, describe_conv(conv) + label
 
