@@ -14,9 +14,9 @@ Presets:
            No dropout: on both the phantom and the real validation split it only slowed
            learning (see README, "Real-data results").
   wide     default with twice the filters (32 and 64) and a 256-unit first FC layer (4x the
-           parameters, ~2.5x the training time). The default network underfits the real
-           slices (training accuracy ~0.8); wide cross-validates 0.807 AUC against 0.801 for
-           default (two seeds each, README "Cross-validated results"): within the noise.
+           parameters, ~2.5x the training time). Cross-validated (README "Cross-validated
+           results") it is within the noise of default: 0.807 against 0.801 AUC with the old
+           augmentation, 0.812 against 0.817 with flips only.
   tiny     a very small member for tests and smoke runs.
   deep     (other family) 4 conv+BatchNorm blocks and global average pooling.
   resnet18 (other family) torchvision's ResNet-18 with 1-channel input and a 2-way head;

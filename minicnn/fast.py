@@ -214,12 +214,13 @@ def images_per_chunk(batch: int, bytes_per_image: int, columns_per_image: int = 
     every thread) -- but a conv chunk has at least MIN_COLUMNS GEMM columns: deep layers with
     small images (ResNet's 7x7 and 14x14 stages) then run as one GEMM, with BLAS's own threads,
     rather than as many small pieces whose weight gradients must be added up. A layer that
-    does not run threaded (``threaded``, by default runs_threaded(batch, bytes_per_image): run
-    in the calling thread) gets chunks of ONE_THREAD_CHUNK_BYTES instead, with no quarter-batch
-    cap: fewer, larger NumPy and BLAS calls. Depends on the sizes only (never on the thread
-    count), which keeps results thread-count free."""
+    does not run threaded (``threaded``, by default runs_threaded(batch): the batch alone decides,
+    as for every layer but the convs, which pass their im2col rule) runs in the calling thread
+    and gets chunks of ONE_THREAD_CHUNK_BYTES instead, with no quarter-batch cap: fewer, larger
+    NumPy and BLAS calls. Depends on the sizes only (never on the thread count), which keeps
+    results thread-count free."""
     if threaded is None:
-        threaded = runs_threaded(batch, bytes_per_image)
+        threaded = runs_threaded(batch)
     if not threaded:
         chunk = max(1, ONE_THREAD_CHUNK_BYTES // max(1, bytes_per_image))
         return max(1, min(chunk, batch))
@@ -384,7 +385,7 @@ def conv2d_forward(layer, x, out_hw):
     bias = None if layer.bias is None else layer.bias.data[:, None]
     out = np.empty((f, n, oh, ow), dtype=x.dtype)  # host-ok
     col_bytes = c * kh * kw * oh * ow * x.itemsize                           # im2col bytes per image
-    chunk = images_per_chunk(n, col_bytes, oh * ow)
+    chunk = images_per_chunk(n, col_bytes, oh * ow, threaded=runs_threaded(n, col_bytes))
 
     def work(index):
         start, stop = index * chunk, min(n, (index + 1) * chunk)
@@ -413,7 +414,7 @@ def conv2d_backward(layer, x, grad_output):
     oh, ow = grad_output.shape[2:]
     weight = layer.weight.data.reshape(f, -1)                                # (F, K)
     col_bytes = c * kh * kw * oh * ow * x.itemsize                           # im2col bytes per image
-    chunk = images_per_chunk(n, col_bytes, oh * ow)
+    chunk = images_per_chunk(n, col_bytes, oh * ow, threaded=runs_threaded(n, col_bytes))
     count = math.ceil(n / chunk)
     grad_by_filter = _filters_first(grad_output, chunk, col_bytes)                     # (F, N, OH, OW) contiguous
     grad_weights = [None] * count
@@ -477,7 +478,7 @@ def maxpool_forward(layer, x, out_hw, *, keep_argmax: bool, relu: bool, no_winne
     out = np.empty((n, c, oh, ow), dtype=x.dtype)  # host-ok
     argmax_dtype = np.uint8 if kh * kw < 256 else np.int32
     argmax = _like_layout(x, out.shape, argmax_dtype) if keep_argmax else None
-    chunk = images_per_chunk(n, x[0].size * x.itemsize, threaded=runs_threaded(n))
+    chunk = images_per_chunk(n, x[0].size * x.itemsize)
     # Tiling windows are read row by row (_maxpool_tiles) under no_grad, and with argmax when
     # they have at least TILES_MIN_WINDOW offsets (for 2x2, its tie-aware second pass costs more
     # than the readable loop's four strided window copies).
@@ -616,7 +617,7 @@ def maxpool_backward(layer, argmax, x_shape, grad_output):
     grad_x = _like_layout(argmax, x_shape, grad_output.dtype)            # laid out as x was
     overlapping = sy < kh or sx < kw
     covers_all = not overlapping and sy * oh == h + 2 * py and sx * ow == w + 2 * px
-    chunk = images_per_chunk(n, c * h * w * grad_output.itemsize, threaded=runs_threaded(n))
+    chunk = images_per_chunk(n, c * h * w * grad_output.itemsize)
     scatter = _tiles(layer) and kh * kw >= SCATTER_MIN_WINDOW
 
     def work(index):
@@ -729,7 +730,7 @@ def relu_forward(x, *, inplace: bool, keep_mask: bool):
     if x.ndim == 0 or x.nbytes < SMALL_BYTES:
         part(...)
     else:
-        chunk = images_per_chunk(len(x), x[0].nbytes, threaded=runs_threaded(len(x)))
+        chunk = images_per_chunk(len(x), x[0].nbytes)
         parallel_chunks(math.ceil(len(x) / chunk), lambda index: part(slice(index * chunk, (index + 1) * chunk)),
                         batch=len(x))
     return out, mask
@@ -741,7 +742,7 @@ def multiply(a, b):
     if out.ndim == 0 or out.nbytes < SMALL_BYTES or a.shape != b.shape:
         np.multiply(a, b, out=out)
         return out
-    chunk = images_per_chunk(len(out), out[0].nbytes, threaded=runs_threaded(len(out)))
+    chunk = images_per_chunk(len(out), out[0].nbytes)
 
     def work(index):
         part = slice(index * chunk, (index + 1) * chunk)
@@ -757,7 +758,7 @@ def _split_first_axis(out, work_on):
     if out.ndim == 0 or out.nbytes < SMALL_BYTES:
         work_on(slice(None))
         return
-    chunk = images_per_chunk(len(out), out[0].nbytes, threaded=runs_threaded(len(out)))
+    chunk = images_per_chunk(len(out), out[0].nbytes)
     parallel_chunks(math.ceil(len(out) / chunk),
                     lambda index: work_on(slice(index * chunk, (index + 1) * chunk)), batch=len(out))
 
