@@ -24,14 +24,17 @@ The protocol of one run: every fold trains on the other k-1 folds (+ any
 epoch (the held-out fold never picks an epoch or a threshold); its predictions on
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
 drawn R times (different seeds) and each slice's OOF probability is the mean over
-repeats (and, with --tta, over each slice and its mirror image). The decision threshold is chosen once on all OOF predictions (Youden's J,
-or the smallest threshold reaching --target-sensitivity) and reported per fold as
-mean +/- sd. The k fold models of the first repeat are saved as one ensemble
-checkpoint that evaluate and predict take like any other.
+repeats (and, with --tta, over each slice and its mirror image). With --members M every
+fold trains M models that differ only in their seed (weights, order, augmentation), and
+the fold's held-out probability is their mean: the OOF figures then measure an ensemble
+of M seeds, the way it would be used. The decision threshold is chosen once on all OOF
+predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
+reported per fold as mean +/- sd. The k x M fold models of the first repeat are saved as
+one ensemble checkpoint that evaluate and predict take like any other.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
-(config, folds, repeats, tta) is read back from RUN/config.json, a fold whose held-out
-predictions were written (``r<R>-fold<F>/heldout.csv``) is not trained again, and a fold
+(config, folds, repeats, tta, members) is read back from RUN/config.json, a fold model whose
+held-out predictions were written (``r<R>-fold<F>[-m<M>]/heldout.csv``) is not trained again, and a fold
 stopped mid-way continues from its last.npz, bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
@@ -200,19 +203,19 @@ def read_heldout(run_dir: Path, paths):
     return frame["p_covid"].to_numpy(dtype=np.float64)
 
 
-def save_plan(out: Path, config, folds: int, repeats: int, tta: bool) -> None:
+def save_plan(out: Path, config, folds: int, repeats: int, tta: bool, members: int = 1) -> None:
     """RUN/config.json: the config as given, and how the folds are made (what --resume reads)."""
-    plan = dict(asdict(config), cv={"folds": folds, "repeats": repeats, "tta": tta})
+    plan = dict(asdict(config), cv={"folds": folds, "repeats": repeats, "tta": tta, "members": members})
     partial = out / "config.json.partial"
     partial.write_text(json.dumps(plan, indent=2) + "\n")
     os.replace(partial, out / "config.json")
 
 
 def load_plan(out: Path) -> tuple[dict, int]:
-    """({folds, repeats, tta}, epochs per fold) saved by a cross-validation run in out."""
+    """({folds, repeats, tta, members}, epochs per fold) saved by a cross-validation run in out."""
     try:
         saved = json.loads((Path(out) / "config.json").read_text())
-        return saved["cv"], saved["epochs"]
+        return {"members": 1, **saved["cv"]}, saved["epochs"]      # runs from before --members had 1
     except (OSError, ValueError, KeyError, TypeError):
         raise CovidCTError(f"--resume {out}: not a covidct cv run folder (no config.json with a 'cv' "
                            f"entry)") from None
@@ -220,26 +223,27 @@ def load_plan(out: Path) -> tuple[dict, int]:
 
 # ------------------------------------------------------------------ the whole run
 def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta: bool = False,
-                   resume: bool = False, log=print) -> dict:
+                   resume: bool = False, members: int = 1, log=print) -> dict:
     """k-fold CV of one TrainConfig over its train + val splits (protocol in the module docstring).
 
-    Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>/, ensemble.npz.
-    resume: continue a stopped run in config.out (same config, folds, repeats and tta).
+    Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>[-m<M>]/, ensemble.npz.
+    members: models per fold (seeds); a fold's held-out probability is their mean.
+    resume: continue a stopped run in config.out (same config, folds, repeats, tta and members).
     Returns the cv.json dict.
     """
     from .ensemble import save_ensemble
     from .train import (TrainData, extra_checkpoint, load_extra, load_split, model_config_for, preprocess_for,
                         pretrain_on_extra)
 
-    if repeats < 1 or jobs < 1:
-        raise CovidCTError(f"--repeats and --jobs must be >= 1, got {repeats} and {jobs}")
+    if repeats < 1 or jobs < 1 or members < 1:
+        raise CovidCTError(f"--repeats, --jobs and --members must be >= 1, got {repeats}, {jobs} and {members}")
     target = config.target_sensitivity                  # for the OOF threshold, not for the fold runs
     config = replace(config, select="last", target_sensitivity=None, progress=False)
     config.validate()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        save_plan(out, replace(config, target_sensitivity=target), folds, repeats, tta)
+        save_plan(out, replace(config, target_sensitivity=target), folds, repeats, tta, members)
     preprocess = preprocess_for(config, model_config_for(config))
     parts = [load_split(config, split, preprocess, log=log) for split in (config.train_split, config.val_split)]
     images = np.concatenate([p[0] for p in parts])
@@ -256,6 +260,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     groups = slice_groups(paths, labels)
     log(f"cross-validation: {len(images)} slices from {len(set(groups))} sources "
         f"({int(labels.sum())} COVID), {folds} folds x {repeats} repeats"
+        + (f" x {members} seeds per fold" if members > 1 else "")
         + (f", + {len(extra[0])} extra training slices" if extra else ""))
 
     tasks = []
@@ -271,47 +276,51 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
                 train_labels = np.concatenate([train_labels, extra[1]])
                 train_paths = train_paths + list(extra[2])
             test_paths = [p for p, keep in zip(paths, test) if keep]
-            fold_config = replace(config, out=str(out / f"r{repeat}-fold{fold}"), seed=config.seed + 1000 * repeat + fold)
             data = TrainData(train_images, train_labels, images[test], labels[test], train_paths, test_paths)
-            tasks.append((repeat, fold, fold_config, data, images[test]))
+            for member in range(members):                # member 0 keeps the single-model names and seeds
+                name = f"r{repeat}-fold{fold}" + (f"-m{member}" if member else "")
+                seed = config.seed + 1000 * repeat + fold + 100_000 * member
+                tasks.append((repeat, fold, member, replace(config, out=str(out / name), seed=seed), data,
+                              images[test]))
 
     started = time.perf_counter()
     oof = np.full((repeats, len(images)), np.nan)
-    members = [None] * folds
-    done = {}                                           # (repeat, fold) -> held-out scores saved by a stopped run
+    done = {}                                    # (repeat, fold, member) -> held-out scores (saved by a stopped run)
     if resume:
-        for repeat, fold, fold_config, data, _ in tasks:
+        for repeat, fold, member, fold_config, data, _ in tasks:
             scores = read_heldout(fold_config.out, data.val_paths)
             if scores is not None:
-                done[repeat, fold] = scores
-        log(f"resuming {out}: {len(done)} of {len(tasks)} folds done")
-    todo = [task for task in tasks if (task[0], task[1]) not in done]
+                done[repeat, fold, member] = scores
+        log(f"resuming {out}: {len(done)} of {len(tasks)} {'folds' if members == 1 else 'fold models'} done")
+    todo = [task for task in tasks if task[:3] not in done]
     blas_threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if jobs == 1 or not todo:
-        results = (_train_fold(c, d, t, None, tta, resume) for _, _, c, d, t in todo)
+        results = (_train_fold(c, d, t, None, tta, resume) for *_, c, d, t in todo)
     else:
         pool = ProcessPoolExecutor(max_workers=jobs)
-        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads, tta, resume) for _, _, c, d, t in todo]))
-    for (repeat, fold, fold_config, data, _), (scores, _) in zip(todo, results):
+        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads, tta, resume) for *_, c, d, t in todo]))
+    for (repeat, fold, member, fold_config, data, _), (scores, _) in zip(todo, results):
         write_heldout(fold_config.out, data.val_paths, scores)
-        done[repeat, fold] = scores
+        done[repeat, fold, member] = scores
         fold_auc = roc_auc(labels[fold_table[repeat] == fold], scores)
-        log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}: held-out AUC {fold_auc:.3f} "
+        seed_note = f" seed {member + 1}/{members}" if members > 1 else ""
+        log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}{seed_note}: held-out AUC {fold_auc:.3f} "
             f"({time.perf_counter() - started:.0f}s so far)")
     if jobs > 1 and todo:
         pool.shutdown()
-    for repeat, fold, fold_config, _, _ in tasks:
-        oof[repeat, fold_table[repeat] == fold] = done[repeat, fold]
-        if repeat == 0:
-            members[fold] = str(Path(fold_config.out) / "best.npz")
+    for repeat in range(repeats):
+        for fold in range(folds):
+            held_out = [done[repeat, fold, member] for member in range(members)]
+            oof[repeat, fold_table[repeat] == fold] = np.mean(held_out, axis=0)
+    ensemble_members = [str(Path(c.out) / "best.npz") for repeat, _, _, c, _, _ in tasks if repeat == 0]
 
     scores = oof.mean(axis=0)
     threshold, rule = choose_oof_threshold(labels, scores, target)
     result = summarize(labels, scores, oof, fold_table, threshold, rule)
-    result.update(config=asdict(config), folds=folds, repeats=repeats, tta=tta,
+    result.update(config=asdict(config), folds=folds, repeats=repeats, tta=tta, members=members,
                   n_sources=len(set(groups)), seconds=time.perf_counter() - started)
     write_oof(out / "oof.csv", paths, labels, groups, fold_table, oof, scores)
-    save_ensemble(out / "ensemble.npz", members, threshold=threshold, tta=tta,
+    save_ensemble(out / "ensemble.npz", ensemble_members, threshold=threshold, tta=tta,
                   info={"cv": {k: result[k] for k in ("pooled", "per_fold", "threshold", "threshold_rule")}})
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "cv.md").write_text(format_cv_table(result) + "\n")
@@ -351,7 +360,8 @@ def format_cv_table(result: dict) -> str:
     """cv.json as a small Markdown table (mean +/- sd over folds, pooled OOF with a CI)."""
     fold, pooled = result["per_fold"], result["pooled"]
     low, high = result["pooled_auc_ci95"]
-    lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats, "
+    seeds = f" x {result['members']} seeds per fold" if result.get("members", 1) > 1 else ""
+    lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats{seeds}, "
              f"{result.get('n_sources')} sources; threshold {result['threshold']:.3f} ({result['threshold_rule']})", "",
              "| metric | per fold (mean +/- sd) | pooled out-of-fold |", "|---|---|---|",
              f"| ROC AUC | {fold['auc']['mean']:.3f} +/- {fold['auc']['sd']:.3f} | {pooled['auc']:.3f} "

@@ -111,6 +111,30 @@ def test_cv_is_deterministic_per_seed(cv_run, tmp_path):
     assert again["pooled"] == result["pooled"] and again["threshold"] == result["threshold"]
 
 
+def test_members_average_seeds_per_fold(cv_run, tmp_path):
+    """--members 2: each fold's held-out probability is the mean of two seeds' models, member 0 is the
+    single-model run, and the ensemble holds every fold's members."""
+    import pandas as pd
+    from dataclasses import replace
+    config, _, _ = cv_run
+    single = cross_validate(replace(config, out=str(tmp_path / "one")), folds=2, log=lambda *_: None)
+    logs = []
+    pair = cross_validate(replace(config, out=str(tmp_path / "two")), folds=2, members=2, log=logs.append)
+    assert sum("held-out AUC" in line for line in logs) == 4 and any("x 2 seeds per fold" in l for l in logs)
+    oof = pd.read_csv(tmp_path / "two" / "oof.csv").set_index("file")
+    for fold in range(2):
+        first = pd.read_csv(tmp_path / "two" / f"r0-fold{fold}" / "heldout.csv").set_index("file")["p_covid"]
+        second = pd.read_csv(tmp_path / "two" / f"r0-fold{fold}-m1" / "heldout.csv").set_index("file")["p_covid"]
+        alone = pd.read_csv(tmp_path / "one" / f"r0-fold{fold}" / "heldout.csv").set_index("file")["p_covid"]
+        assert np.allclose(first, alone) and not np.allclose(first, second)     # another seed, another model
+        assert np.allclose(oof.loc[first.index, "p_covid"], (first + second) / 2)
+    ensemble, _ = load_checkpoint(tmp_path / "two" / "ensemble.npz")
+    assert len(ensemble.members) == 4 and pair["members"] == 2 and single["members"] == 1
+    assert "2 seeds per fold" in (tmp_path / "two" / "cv.md").read_text()
+    with pytest.raises(CovidCTError, match="--members must be >= 1"):
+        cross_validate(replace(config, out=str(tmp_path / "none")), folds=2, members=0)
+
+
 def test_extra_data_pretrain_mode_trains_a_start_once(cv_run, tmp_path):
     config, _, _ = cv_run
     from dataclasses import replace
@@ -179,7 +203,8 @@ def test_cv_resume_on_the_command_line(tmp_path):
     first = covidct_cv("--data", data, "--out", run, "--model", "tiny", "--epochs", "1", "--batch-size", "8",
                        "--folds", "2", "--no-progress", "--cache-dir", tmp_path / "cache")
     assert first.returncode == 0, first.stderr
-    assert json.loads((run / "config.json").read_text())["cv"] == {"folds": 2, "repeats": 1, "tta": False}
+    assert json.loads((run / "config.json").read_text())["cv"] == {"folds": 2, "repeats": 1, "tta": False,
+                                                                    "members": 1}
     again = covidct_cv("--resume", run)
     assert again.returncode == 0, again.stderr
     assert "2 of 2 folds done" in again.stdout and again.stdout.split("Cross-validation:")[1] == \
