@@ -50,8 +50,6 @@ def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
                       "saved options (finished folds are kept, a stopped fold continues from its last.npz)")
     parser.add_argument("--folds", type=int, default=None, help="number of folds (grouped by source; default 5)")
     parser.add_argument("--repeats", type=int, default=None, help="draw the folds this many times (seeds; default 1)")
-    parser.add_argument("--members", type=int, default=None, help="models per fold that differ only in their seed; "
-                        "the held-out probability is their mean, so the figures measure a seed ensemble (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="fold models trained at once, in worker processes")
     parser.add_argument("--tta", action="store_true", help="the saved fold ensemble also averages the "
                         "left-right mirror image (test-time augmentation)")
@@ -90,14 +88,14 @@ def run_cv(args) -> int:
 
     config = run_config_from_args(TrainConfig, args, out_prefix="cv-")
     plan = {"folds": 5 if args.folds is None else args.folds, "repeats": 1 if args.repeats is None else args.repeats,
-            "tta": bool(args.tta), "members": 1 if args.members is None else args.members}
+            "tta": bool(args.tta)}
     if args.resume:                                     # the saved plan; only --jobs may change
         plan, epochs = load_plan(args.resume)
-        typed = {"folds": args.folds, "repeats": args.repeats, "tta": args.tta or None, "members": args.members}
+        typed = {"folds": args.folds, "repeats": args.repeats, "tta": args.tta or None}
         changed = [f"--{name}" for name, value in typed.items() if value is not None and value != plan.get(name)]
         if changed:
-            raise CovidCTError(f"--resume {args.resume} continues the run with its saved folds, repeats, tta and "
-                               f"members; {', '.join(changed)} cannot change")
+            raise CovidCTError(f"--resume {args.resume} continues the run with its saved folds, repeats and tta; "
+                               f"{', '.join(changed)} cannot change")
         if config.epochs != epochs:
             raise CovidCTError(f"--resume {args.resume}: the folds train for {epochs} epochs; --epochs cannot "
                                f"change in a cross-validation (start a new run to compare)")
@@ -127,9 +125,10 @@ def run_train(args, comm=None) -> int:
     summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume), **ranks))
     if summary is None:
         return 130
-    if "best_epoch" in summary:                                  # rank 0 of a distributed run
-        print(f"best epoch {summary['best_epoch']}; checkpoint {config.out}/best.npz; "
-              f"plots and predictions in {config.out}/")
+    if "checkpoint" in summary:                                  # rank 0 of a distributed run
+        trained = f"best epoch {summary['best_epoch']}" if "best_epoch" in summary else \
+            f"an ensemble of {summary['members']} seeds"
+        print(f"{trained}; checkpoint {summary['checkpoint']}; plots and predictions in {config.out}/")
     return 0
 
 

@@ -24,8 +24,8 @@ The protocol of one run: every fold trains on the other k-1 folds (+ any
 epoch (the held-out fold never picks an epoch or a threshold); its predictions on
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
 drawn R times (different seeds) and each slice's OOF probability is the mean over
-repeats (and, with --tta, over each slice and its mirror image). With --members M every
-fold trains M models that differ only in their seed (weights, order, augmentation), and
+repeats (and, with --tta, over each slice and its mirror image). With --members M (a
+recipe option, as in covidct train) every fold trains M models that differ only in their seed (weights, order, augmentation), and
 the fold's held-out probability is their mean: the OOF figures then measure an ensemble
 of M seeds, the way it would be used. The decision threshold is chosen once on all OOF
 predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
@@ -33,7 +33,7 @@ reported per fold as mean +/- sd. The k x M fold models of the first repeat are 
 one ensemble checkpoint that evaluate and predict take like any other.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
-(config, folds, repeats, tta, members) is read back from RUN/config.json, a fold model whose
+(config, folds, repeats, tta) is read back from RUN/config.json, a fold model whose
 held-out predictions were written (``r<R>-fold<F>[-m<M>]/heldout.csv``) is not trained again, and a fold
 stopped mid-way continues from its last.npz, bit-identical to an uninterrupted run.
 """
@@ -203,19 +203,19 @@ def read_heldout(run_dir: Path, paths):
     return frame["p_covid"].to_numpy(dtype=np.float64)
 
 
-def save_plan(out: Path, config, folds: int, repeats: int, tta: bool, members: int = 1) -> None:
+def save_plan(out: Path, config, folds: int, repeats: int, tta: bool) -> None:
     """RUN/config.json: the config as given, and how the folds are made (what --resume reads)."""
-    plan = dict(asdict(config), cv={"folds": folds, "repeats": repeats, "tta": tta, "members": members})
+    plan = dict(asdict(config), cv={"folds": folds, "repeats": repeats, "tta": tta})
     partial = out / "config.json.partial"
     partial.write_text(json.dumps(plan, indent=2) + "\n")
     os.replace(partial, out / "config.json")
 
 
 def load_plan(out: Path) -> tuple[dict, int]:
-    """({folds, repeats, tta, members}, epochs per fold) saved by a cross-validation run in out."""
+    """({folds, repeats, tta}, epochs per fold) saved by a cross-validation run in out."""
     try:
         saved = json.loads((Path(out) / "config.json").read_text())
-        return {"members": 1, **saved["cv"]}, saved["epochs"]      # runs from before --members had 1
+        return saved["cv"], saved["epochs"]
     except (OSError, ValueError, KeyError, TypeError):
         raise CovidCTError(f"--resume {out}: not a covidct cv run folder (no config.json with a 'cv' "
                            f"entry)") from None
@@ -223,27 +223,28 @@ def load_plan(out: Path) -> tuple[dict, int]:
 
 # ------------------------------------------------------------------ the whole run
 def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta: bool = False,
-                   resume: bool = False, members: int = 1, log=print) -> dict:
+                   resume: bool = False, log=print) -> dict:
     """k-fold CV of one TrainConfig over its train + val splits (protocol in the module docstring).
 
     Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>[-m<M>]/, ensemble.npz.
-    members: models per fold (seeds); a fold's held-out probability is their mean.
-    resume: continue a stopped run in config.out (same config, folds, repeats, tta and members).
+    config.members: models per fold (seeds); a fold's held-out probability is their mean.
+    resume: continue a stopped run in config.out (same config, folds, repeats and tta).
     Returns the cv.json dict.
     """
     from .ensemble import save_ensemble
-    from .train import (TrainData, extra_checkpoint, load_extra, load_split, model_config_for, preprocess_for,
-                        pretrain_on_extra)
+    from .train import (TrainData, extra_checkpoint, load_extra, load_split, member_seed, model_config_for,
+                        preprocess_for, pretrain_on_extra)
 
-    if repeats < 1 or jobs < 1 or members < 1:
-        raise CovidCTError(f"--repeats, --jobs and --members must be >= 1, got {repeats}, {jobs} and {members}")
+    if repeats < 1 or jobs < 1:
+        raise CovidCTError(f"--repeats and --jobs must be >= 1, got {repeats} and {jobs}")
     target = config.target_sensitivity                  # for the OOF threshold, not for the fold runs
     config = replace(config, select="last", target_sensitivity=None, progress=False)
     config.validate()
+    members = config.members
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        save_plan(out, replace(config, target_sensitivity=target), folds, repeats, tta, members)
+        save_plan(out, replace(config, target_sensitivity=target), folds, repeats, tta)
     preprocess = preprocess_for(config, model_config_for(config))
     parts = [load_split(config, split, preprocess, log=log) for split in (config.train_split, config.val_split)]
     images = np.concatenate([p[0] for p in parts])
@@ -279,8 +280,8 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
             data = TrainData(train_images, train_labels, images[test], labels[test], train_paths, test_paths)
             for member in range(members):                # member 0 keeps the single-model names and seeds
                 name = f"r{repeat}-fold{fold}" + (f"-m{member}" if member else "")
-                seed = config.seed + 1000 * repeat + fold + 100_000 * member
-                tasks.append((repeat, fold, member, replace(config, out=str(out / name), seed=seed), data,
+                seed = member_seed(config.seed + 1000 * repeat + fold, member)
+                tasks.append((repeat, fold, member, replace(config, out=str(out / name), seed=seed, members=1), data,
                               images[test]))
 
     started = time.perf_counter()

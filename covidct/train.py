@@ -9,6 +9,10 @@ A run directory holds everything a run produces:
     curves.png       training curves
     metrics.json, predictions.csv, roc.png, confusion.png   best model on the validation split
 
+With ``--members M`` the run directory holds member0/ ... member<M-1>/ (each a run as above,
+seeds ``member_seed(seed, i)``), ensemble.npz (the members as one checkpoint, threshold chosen
+on val) and the ensemble's metrics.json, predictions.csv, roc.png, confusion.png.
+
 ``--resume RUN_DIR`` continues from last.npz; Ctrl-C or ``kill -9`` lose at most
 the epoch in progress. A NaN/inf loss stops the run with a clear message and
 leaves the last good checkpoint in place. The epoch loop itself (checkpoints,
@@ -23,7 +27,7 @@ train on arrays they already hold:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +42,7 @@ from .errors import CovidCTError
 from .evaluate import choose_threshold, predict_proba, report_text, write_evaluation
 from .frozen import strategy_for
 from .loader import DataLoader
-from .loop import EpochLoop, learning_rate  # noqa: F401  (learning_rate: public here too)
+from .loop import EpochLoop, learning_rate, write_run_config  # noqa: F401  (learning_rate: public here too)
 from .metrics import classification_metrics
 from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
 from .options import option
@@ -106,6 +110,9 @@ class TrainConfig:
                                     "--extra-epochs on the extra data alone, then fine-tune on --data",
                              choices=("mix", "pretrain"))
     extra_epochs: int = option(6, "epochs on the extra data with --extra-mode pretrain")
+    members: int = option(1, "train this many models that differ only in their seed and save them as one "
+                             "ensemble (ensemble.npz: the mean of their probabilities); in covidct cv, per fold",
+                          metavar="M")
 
     def __post_init__(self):
         self.extra_data = tuple(self.extra_data or ())
@@ -123,6 +130,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer must be sgd, adam or adamw, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"--schedule must be none, step or cosine, got {self.schedule!r}"),
             (self.step_epochs >= 1, f"--step-epochs must be >= 1, got {self.step_epochs}"),
+            (self.members >= 1, f"--members must be >= 1, got {self.members}"),
             (self.select in SELECT_METRICS, f"--select must be one of {SELECT_METRICS}, got {self.select!r}"),
             (self.device in DEVICES, f"--device must be cpu or gpu, got {self.device!r}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
@@ -444,7 +452,7 @@ class Trainer(EpochLoop):
         save_checkpoint(best_path, model, meta)
         self.log(report_text(data.val_labels, scores, threshold, f"validation split, best epoch {meta['epoch'] + 1}"))
         return {"best_epoch": meta["epoch"] + 1, "threshold": threshold, "val": metrics["threshold"],
-                "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(self.run_dir)}
+                "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(self.run_dir), "checkpoint": str(best_path)}
 
     def write_history(self) -> None:
         import pandas as pd
@@ -458,16 +466,84 @@ class Trainer(EpochLoop):
 
 def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None) -> dict:
     """Train (or resume) a run; returns the best epoch's validation summary (on rank 0 of ``comm``).
+    With config.members > 1: a seed ensemble (``train_members``).
 
     The run directory is locked first (by rank 0 of a distributed run), so a second writer is refused
     before any work.
     """
     config.validate()                                   # a bad option leaves no run directory behind
+    if config.members > 1:
+        if comm is not None and comm.size > 1:
+            raise CovidCTError(f"--members {config.members} with --distributed: train the members of an ensemble "
+                               f"one run at a time (leave out --members, or --distributed)")
+        return train_members(config, resume, log, data)
     with RunLock(config.out, log) if comm is None or comm.rank == 0 else contextlib.nullcontext():
         trainer = Trainer(config, data=data, log=log, comm=comm)
         if resume:
             trainer.resume()
         return trainer.fit()
+
+
+def member_seed(seed: int, member: int) -> int:
+    """The seed of ensemble member ``member`` (0 keeps ``seed``: member 0 is the single-model run)."""
+    return seed + 100_000 * member
+
+
+def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None) -> dict:
+    """A seed ensemble: config.members runs that differ only in their seed, in RUN/member<i>/, joined
+    into RUN/ensemble.npz (the mean of their probabilities, covidct.ensemble) with its threshold
+    chosen on val like a single run's. The data is decoded once for all members. On resume,
+    finished members are kept and a stopped one continues from its last.npz."""
+    from .ensemble import save_ensemble
+
+    out = Path(config.out)
+    with RunLock(out, log):
+        write_run_config(out, config)
+        model_config = model_config_for(config)
+        if data is None:
+            data = TrainData.from_config(config, preprocess_for(config, model_config), skipped_dir=out, log=log)
+        checkpoints = []
+        for member in range(config.members):
+            member_config = replace(config, out=str(out / f"member{member}"), seed=member_seed(config.seed, member),
+                                    members=1)
+            log(f"member {member + 1}/{config.members}: seed {member_config.seed}, {member_config.out}")
+            trainer = Trainer(member_config, data=data, log=log)
+            if resume and finished(trainer):
+                log(f"member {member + 1} had finished")
+            else:
+                if resume and (trainer.run_dir / "last.npz").is_file():
+                    trainer.resume()
+                trainer.fit()
+            checkpoints.append(str(trainer.run_dir / "best.npz"))
+        scores = np.mean([predict_checkpoint(path, data.val_images, config.device) for path in checkpoints], axis=0)
+        threshold = choose_threshold(data.val_labels, scores, config.target_sensitivity)
+        title = f"validation, ensemble of {config.members} seeds"
+        metrics = write_evaluation(out, data.val_labels, scores, data.val_paths, threshold, title=title)
+        ensemble = save_ensemble(out / "ensemble.npz", checkpoints, threshold,
+                                 info={"val": metrics["threshold"]})
+        log(report_text(data.val_labels, scores, threshold, f"validation split, ensemble of {config.members} seeds"))
+        return {"members": config.members, "threshold": threshold, "val": metrics["threshold"],
+                "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(out), "checkpoint": str(ensemble)}
+
+
+def finished(trainer: Trainer) -> bool:
+    """Has this member's run ended (all epochs, or stopped early) with its evaluation written?"""
+    from .checkpoint import read_checkpoint
+
+    last = trainer.run_dir / "last.npz"
+    if not (last.is_file() and (trainer.run_dir / "metrics.json").is_file()):
+        return False
+    meta = read_checkpoint(last)[2]
+    stopped_early = trainer.config.select != "last" and meta.get("stale_epochs", 0) >= trainer.config.patience
+    return meta["epoch"] + 1 >= trainer.config.epochs or stopped_early
+
+
+def predict_checkpoint(path, images, device: str = "cpu") -> np.ndarray:
+    """P(COVID) of a checkpoint's model on in-memory images (its own normalisation)."""
+    from .checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(path, device)
+    return predict_proba(model, images, meta["normalization"]["mean"], meta["normalization"]["std"], device=device)
 
 
 def _fmt(value) -> str:

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: 40 on synthetic data, 40 on real data")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--members", type=int, default=None,
+                        help="train an ensemble of this many seeds (default: covidct train's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -50,11 +52,13 @@ def run(args) -> int:
                          cache_dir=image_cache_dir(), **(SYNTHETIC_RECIPE if synthetic else {}))
     if args.epochs:
         config.epochs = args.epochs
+    if args.members:
+        config.members = args.members
     summary = train(config)
 
     from covidct.cli import main as covidct  # the same code paths a user gets from the command line
 
-    checkpoint = Path(config.out) / "best.npz"
+    checkpoint = summary["checkpoint"]                    # best.npz, or ensemble.npz with --members
     if "test" in list_splits(data):
         print("\n### Test split (never used for training or selection)")
         status = covidct(["evaluate", "--checkpoint", str(checkpoint), "--data", data, "--split", "test",
@@ -68,8 +72,12 @@ def run(args) -> int:
             return status
     else:
         print("\n(no test split in this dataset: the figures above are validation figures)")
-    print(f"\nbest epoch {summary['best_epoch']}; run directory {config.out}/ holds best.npz, history.csv, "
-          "curves.png, roc.png, confusion.png, predictions.csv")
+    if "best_epoch" in summary:
+        print(f"\nbest epoch {summary['best_epoch']}; run directory {config.out}/ holds best.npz, history.csv, "
+              "curves.png, roc.png, confusion.png, predictions.csv")
+    else:
+        print(f"\nan ensemble of {summary['members']} seeds; run directory {config.out}/ holds ensemble.npz, "
+              "member0/ ... (one run each), roc.png, confusion.png, predictions.csv")
     return 0
 
 

@@ -119,7 +119,7 @@ def test_members_average_seeds_per_fold(cv_run, tmp_path):
     config, _, _ = cv_run
     single = cross_validate(replace(config, out=str(tmp_path / "one")), folds=2, log=lambda *_: None)
     logs = []
-    pair = cross_validate(replace(config, out=str(tmp_path / "two")), folds=2, members=2, log=logs.append)
+    pair = cross_validate(replace(config, out=str(tmp_path / "two"), members=2), folds=2, log=logs.append)
     assert sum("held-out AUC" in line for line in logs) == 4 and any("x 2 seeds per fold" in l for l in logs)
     oof = pd.read_csv(tmp_path / "two" / "oof.csv").set_index("file")
     for fold in range(2):
@@ -132,7 +132,7 @@ def test_members_average_seeds_per_fold(cv_run, tmp_path):
     assert len(ensemble.members) == 4 and pair["members"] == 2 and single["members"] == 1
     assert "2 seeds per fold" in (tmp_path / "two" / "cv.md").read_text()
     with pytest.raises(CovidCTError, match="--members must be >= 1"):
-        cross_validate(replace(config, out=str(tmp_path / "none")), folds=2, members=0)
+        cross_validate(replace(config, out=str(tmp_path / "none"), members=0), folds=2)
 
 
 def test_extra_data_pretrain_mode_trains_a_start_once(cv_run, tmp_path):
@@ -203,8 +203,7 @@ def test_cv_resume_on_the_command_line(tmp_path):
     first = covidct_cv("--data", data, "--out", run, "--model", "tiny", "--epochs", "1", "--batch-size", "8",
                        "--folds", "2", "--no-progress", "--cache-dir", tmp_path / "cache")
     assert first.returncode == 0, first.stderr
-    assert json.loads((run / "config.json").read_text())["cv"] == {"folds": 2, "repeats": 1, "tta": False,
-                                                                    "members": 1}
+    assert json.loads((run / "config.json").read_text())["cv"] == {"folds": 2, "repeats": 1, "tta": False}
     again = covidct_cv("--resume", run)
     assert again.returncode == 0, again.stderr
     assert "2 of 2 folds done" in again.stdout and again.stdout.split("Cross-validation:")[1] == \
