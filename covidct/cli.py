@@ -126,7 +126,7 @@ def run_train(args, comm=None) -> int:
     if summary is None:
         return 130
     if "checkpoint" in summary:                                  # rank 0 of a distributed run
-        trained = f"best epoch {summary['best_epoch']}" if "best_epoch" in summary else \
+        trained = f"{summary['kept']} epoch {summary['best_epoch']}" if "best_epoch" in summary else \
             f"an ensemble of {summary['members']} seeds"
         print(f"{trained}; checkpoint {summary['checkpoint']}; plots and predictions in {config.out}/")
     return 0
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .pretrain import PretrainConfig
     from .train import TrainConfig
 
-    train = command("train", "train a classifier; keeps the best epoch by validation AUC")
+    train = command("train", "train a classifier for the recipe's epochs (or keep the best by --select)")
     add_run_arguments(train, TrainConfig)
     train.add_argument("--distributed", nargs="?", const="mpi", default=None, choices=["mpi", "nccl"],
                        help="data-parallel over the ranks of 'mpiexec -n N': gradients averaged over MPI "

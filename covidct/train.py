@@ -4,7 +4,7 @@ A run directory holds everything a run produces:
 
     config.json      the TrainConfig used
     last.npz         resumable checkpoint of the last completed epoch (weights, optimizer, RNG)
-    best.npz         the best epoch by the selection metric (default: validation AUC)
+    best.npz         the last epoch (default: the cross-validated recipe), or the best by --select
     history.csv      per-epoch train/val loss, accuracy, AUC, sensitivity, specificity, lr
     curves.png       training curves
     metrics.json, predictions.csv, roc.png, confusion.png   best model on the validation split
@@ -76,8 +76,10 @@ class TrainConfig:
                           "e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; 'none'")
     seed: int = option(0, "random seed (weights, order, augmentation)")
     device: str = option("cpu", "where to train", choices=DEVICES)
-    select: str = option("auc", "validation metric for the best epoch", choices=SELECT_METRICS)
-    patience: int = option(15, "early stopping: epochs without improvement")
+    select: str = option("last", "which epoch best.npz keeps: last (the epochs are the recipe's, chosen by covidct "
+                                 "cv, so the 118 validation images only report), or the best by this validation "
+                                 "metric", choices=SELECT_METRICS)
+    patience: int = option(15, "early stopping with --select auc/accuracy/...: epochs without improvement")
     target_sensitivity: float | None = option(None, "choose the decision threshold on val to reach this COVID "
                                                     "sensitivity (e.g. 0.9)")
     train_split: str = option("train", "split to learn from")
@@ -256,7 +258,7 @@ def extra_checkpoint(config: TrainConfig) -> str:
 
 @dataclass
 class TrainData:
-    """The images a Trainer learns from (train) and selects the best epoch on (val), in memory.
+    """The images a Trainer learns from (train) and reports on (val; with --select, picks the epoch), in memory.
 
     train_images, val_images: float32 (N, 1, H, W) in [0, 1], H = W = the model's input size
     train_labels, val_labels: int (N,), 1 = COVID
@@ -426,6 +428,11 @@ class Trainer(EpochLoop):
         value = -np.inf if value is None or not np.isfinite(value) else value
         return [value, -row["val_loss"]]
 
+    @property
+    def kept(self) -> str:
+        """Which epoch best.npz holds: the "last", or the "best" by --select."""
+        return "last" if self.config.select == "last" else "best"
+
     def describe(self) -> str:
         return (f"{len(self.data.train_images)} training / {len(self.data.val_images)} validation images at "
                 f"{self.preprocess.size}x{self.preprocess.size}; model '{self.config.model}' with "
@@ -439,7 +446,7 @@ class Trainer(EpochLoop):
                 f"({row['seconds']:.1f}s){'  *' if improved else ''}")
 
     def finish(self) -> dict:
-        """Reload the best epoch, choose its threshold on val, write the evaluation files."""
+        """Reload the kept epoch (best.npz), choose its threshold on val, write the evaluation files."""
         from .checkpoint import load_checkpoint
 
         best_path, data = self.run_dir / "best.npz", self.data
@@ -447,11 +454,11 @@ class Trainer(EpochLoop):
         scores = predict_proba(model, data.val_images, self.mean, self.std, device=self.config.device)
         threshold = choose_threshold(data.val_labels, scores, self.config.target_sensitivity)
         metrics = write_evaluation(self.run_dir, data.val_labels, scores, data.val_paths, threshold,
-                                   title=f"validation, best epoch {meta['epoch'] + 1}")
+                                   title=f"validation, {self.kept} epoch {meta['epoch'] + 1}")
         meta.update(threshold=threshold, metrics={"val": metrics["threshold"]})
         save_checkpoint(best_path, model, meta)
-        self.log(report_text(data.val_labels, scores, threshold, f"validation split, best epoch {meta['epoch'] + 1}"))
-        return {"best_epoch": meta["epoch"] + 1, "threshold": threshold, "val": metrics["threshold"],
+        self.log(report_text(data.val_labels, scores, threshold, f"validation split, {self.kept} epoch {meta['epoch'] + 1}"))
+        return {"best_epoch": meta["epoch"] + 1, "kept": self.kept, "threshold": threshold, "val": metrics["threshold"],
                 "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(self.run_dir), "checkpoint": str(best_path)}
 
     def write_history(self) -> None:
@@ -465,7 +472,7 @@ class Trainer(EpochLoop):
 
 
 def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None) -> dict:
-    """Train (or resume) a run; returns the best epoch's validation summary (on rank 0 of ``comm``).
+    """Train (or resume) a run; returns the kept epoch's validation summary (on rank 0 of ``comm``).
     With config.members > 1: a seed ensemble (``train_members``).
 
     The run directory is locked first (by rank 0 of a distributed run), so a second writer is refused

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         config = TrainConfig(data=args.data, out=f"{args.out}/round{name[0]}", model="seed",
                              image_size=None if args.full else 112, epochs=args.epochs, batch_size=12,
                              optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="none",
-                             warmup_epochs=0, class_weights="none", augment=augment, patience=args.epochs,
+                             warmup_epochs=0, class_weights="none", augment=augment, select="auc", patience=args.epochs,
                              cache_dir=image_cache_dir(), progress=not args.no_progress,
                              extra_data=(args.extra_data,) if round4 else ())
         summary = train(config, log=lambda *a: None if args.no_progress else print(*a))

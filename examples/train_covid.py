@@ -5,7 +5,7 @@
 
 With no arguments it generates the synthetic CT phantom dataset once (into
 ~/.cache/covidct, or $COVIDCT_CACHE), trains the `default` model on its train
-split, selects the best epoch on val, evaluates on the test split and prints
+split for the recipe's epochs (val only reports), evaluates on the test split and prints
 the 2020 report's metric block, then predicts a few test images. Everything
 lands in the run directory (default runs/example-<data>).
 
@@ -73,7 +73,7 @@ def run(args) -> int:
     else:
         print("\n(no test split in this dataset: the figures above are validation figures)")
     if "best_epoch" in summary:
-        print(f"\nbest epoch {summary['best_epoch']}; run directory {config.out}/ holds best.npz, history.csv, "
+        print(f"\n{summary['kept']} epoch {summary['best_epoch']}; run directory {config.out}/ holds best.npz, history.csv, "
               "curves.png, roc.png, confusion.png, predictions.csv")
     else:
         print(f"\nan ensemble of {summary['members']} seeds; run directory {config.out}/ holds ensemble.npz, "

@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     common = dict(data=args.data, seed=args.seed, cache_dir=image_cache_dir(),
                   progress=not args.no_progress)
     log = (lambda *a: None) if args.no_progress else print
+    by_val_auc = dict(select="auc")          # this report's figures: the best epoch by validation AUC
 
     def capped(options: dict) -> dict:
         return dict(options, epochs=min(options["epochs"], args.epochs)) if args.epochs else options
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
 
         print(f"\n=== {model}: from scratch ===")
         started = time.perf_counter()
-        train(TrainConfig(model=model, out=str(out / f"{model}-scratch"), **size, **capped(recipe["train"]), **common), log=log)
+        train(TrainConfig(model=model, out=str(out / f"{model}-scratch"), **size, **capped(recipe["train"]),
+                          **common, **by_val_auc), log=log)
         rows.append((model, "from scratch", 0.0, time.perf_counter() - started, out / f"{model}-scratch"))
 
         print(f"\n=== {model}: rotation pretraining, then fine-tuning ===")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         pretrain_seconds = time.perf_counter() - started
         started = time.perf_counter()
         train(TrainConfig(model=model, out=str(out / f"{model}-rotation"), pretrained=str(weights), **size,
-                          **capped(recipe["fine_tune"]), **common), log=log)
+                          **capped(recipe["fine_tune"]), **common, **by_val_auc), log=log)
         rows.append((model, "rotation-pretrained", pretrain_seconds, time.perf_counter() - started,
                      out / f"{model}-rotation"))
 
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         print("\n=== resnet18: ImageNet weights, frozen backbone then unfrozen ===")
         started = time.perf_counter()
         train(TrainConfig(model="resnet18", out=str(out / "resnet18-imagenet"), pretrained=args.imagenet,
-                          **capped(IMAGENET), **common), log=log)
+                          **capped(IMAGENET), **common, **by_val_auc), log=log)
         rows.append(("resnet18", "ImageNet-pretrained", 0.0, time.perf_counter() - started, out / "resnet18-imagenet"))
 
     lines = ["| model | start | val AUC (95 % CI) | accuracy | sensitivity | specificity | pretrain | fine-tune/train |",
