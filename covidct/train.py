@@ -443,7 +443,7 @@ class Trainer(EpochLoop):
                 f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f}  "
                 f"acc {row['val_accuracy']:.3f}  AUC {_fmt(row['val_auc'])}  "
                 f"sens {_fmt(row['val_sensitivity'])}  spec {_fmt(row['val_specificity'])}  "
-                f"({row['seconds']:.1f}s){'  *' if improved else ''}")
+                f"({row['seconds']:.1f}s){'  *' if improved and self.config.select != 'last' else ''}")
 
     def finish(self) -> dict:
         """Reload the kept epoch (best.npz), choose its threshold on val, write the evaluation files."""
