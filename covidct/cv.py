@@ -1,23 +1,15 @@
 """k-fold cross-validation over train + val, with folds grouped by source.
 
-    source_group(path, label)                 -> the source a slice comes from
     grouped_folds(labels, groups, k, seed)    -> fold number of every slice
     cross_validate(config, folds=5, ...)      -> out-of-fold predictions, metrics, fold ensemble
 
 Why grouped: COVID-CT's slices were cut out of papers, often several from one
 paper (one patient, one scanner, one figure style). If slices of one source sat on
 both sides of a split, a model could recognise the source instead of the disease.
-The official test split keeps sources apart, so the folds do too:
-
-  COVID      ``2020.02.25.20021568-p23-108%2.png``  -> the preprint id before ``-p``
-  non-COVID  ``39%1.jpg``                            -> the number before ``%`` (one case)
-  non-COVID  ``1058.png``, ``1059.png``, ...          -> runs of consecutive numbers (per extension)
-  anything else                                      -> the file name without extension
-
-Limits: the non-COVID sources are not published; consecutive numbers are a guess
-(neighbouring slices of one scan are numbered in a row) and may split one source in
-two or join two. Groups never mix classes, so folds are stratified by assigning the
-largest groups first to the fold that has the fewest slices of that class.
+The official test split keeps sources apart, so the folds do too (the file-name rules
+and their limits: ``covidct.sources``). Groups never mix classes, so folds are
+stratified by assigning the largest groups first to the fold that has the fewest
+slices of that class.
 
 The protocol of one run: every fold trains on the other k-1 folds (+ any
 ``--extra-data``, training only) for a fixed number of epochs and keeps the LAST
@@ -41,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -51,48 +42,12 @@ import numpy as np
 
 from .errors import CovidCTError
 from .metrics import bootstrap_ci, classification_metrics, roc_auc, roc_curve, threshold_for_sensitivity
+from .sources import slice_groups, source_group  # noqa: F401  (source_group: public here too)
 
 __all__ = ["source_group", "grouped_folds", "youden_threshold", "cross_validate", "format_cv_table"]
 
 
-# ------------------------------------------------------------------ groups and folds
-def source_group(path, label: int) -> str:
-    """The source of one slice, from its file name (rules in the module docstring)."""
-    path = Path(path)
-    stem = path.stem
-    if label == 1 and "-p" in stem:
-        return "covid:" + stem.split("-p")[0]
-    if "%" in stem:
-        return f"{label}:" + stem.split("%")[0]
-    if stem.isdigit():                                      # joined into runs by slice_groups
-        return f"{label}:{stem}{path.suffix.lower()}"
-    return f"{label}:{stem}"
-
-
-def _join_number_runs(groups: list[str]) -> list[str]:
-    """Plain-number names (``1058.png``) of one class and extension joined into runs of
-    consecutive numbers. Case numbers from ``A%B`` names (``0:39``) are never joined: a case
-    is one patient, and neighbouring case numbers are different patients."""
-    def parts(g):
-        cls, name = g.split(":")
-        number, ext = name.split(".")
-        return cls, ext, int(number)
-
-    numbered = sorted({g for g in groups if re.fullmatch(r"\d+:\d+\.\w+", g)}, key=parts)
-    run_of, previous, start = {}, None, None
-    for g in numbered:
-        cls, ext, number = parts(g)
-        if previous is None or previous[:2] != (cls, ext) or number != previous[2] + 1:
-            start = f"{cls}:run{number}.{ext}"
-        run_of[g], previous = start, (cls, ext, number)
-    return [run_of.get(g, g) for g in groups]
-
-
-def slice_groups(paths, labels) -> list[str]:
-    """source_group for every slice, with plain-number runs joined."""
-    return _join_number_runs([source_group(p, int(y)) for p, y in zip(paths, labels)])
-
-
+# ------------------------------------------------------------------ folds
 def grouped_folds(labels, groups, k: int, seed: int = 0) -> np.ndarray:
     """Fold number (0..k-1) per slice: whole groups per fold, class counts balanced across folds.
 

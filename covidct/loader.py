@@ -7,7 +7,8 @@
         for x, y in loader:                    # x float32 (B, 1, H, W), y int64 (B,)
             ...
 
-Randomness: the shuffle order of epoch e comes from default_rng([seed, e, 0]); the
+Randomness: the shuffle order of epoch e comes from default_rng([seed, e, 0]) (with
+``weights``: N draws with replacement, sample i with probability weights[i] / sum); the
 augmentation of batch b of epoch e from default_rng([seed, e, 1, b]). A resumed
 run therefore sees exactly the batches an uninterrupted run would, and a
 background prefetch thread gives the same batches as no thread.
@@ -47,11 +48,13 @@ class DataLoader:
     prefetch:   prepare the next batch in a background thread (same results either way)
     normalize:  (mean, std) applied after augmentation, or None
     shard:      (rank, size): iterate only this rank's share of every epoch (see the module docstring)
+    weights:    (N,) >= 0 or None; each epoch draws N samples with replacement in proportion to them
+                (e.g. covidct.sources.source_weights) instead of visiting every sample once
     """
 
     def __init__(self, images, labels, batch_size: int = 32, shuffle: bool = True, drop_last: bool = False,
                  seed: int = 0, augment=None, device: str = "cpu", prefetch: bool = True, normalize=None,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), weights=None):
         images = np.asarray(images)
         labels = np.asarray(labels)
         if images.ndim != 4:
@@ -78,6 +81,13 @@ class DataLoader:
             if not std > 0:
                 raise DataError(f"DataLoader: normalize std={std}, expected > 0")
             normalize = (mean, std)
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (len(images),) or not np.all(np.isfinite(weights)) or weights.min() < 0 \
+                    or weights.sum() <= 0:
+                raise DataError(f"DataLoader: weights must be ({len(images)},) finite, >= 0 and not all 0")
+            weights = weights / weights.sum()
+        self.weights = weights
         self.images = images.astype(np.float32, copy=False)
         self.labels = labels.astype(np.int64, copy=False)
         self.batch_size = int(batch_size)
@@ -99,7 +109,11 @@ class DataLoader:
     def order(self, epoch: int) -> np.ndarray:
         """Sample indices in the order epoch `epoch` visits them (this rank's share of them)."""
         n = len(self.images)
-        order = np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle else np.arange(n)
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        if self.weights is not None:
+            order = rng.choice(n, size=n, replace=True, p=self.weights)
+        else:
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
         return order[self.rank::self.size][:self.count] if self.size > 1 else order
 
     def make_batch(self, epoch: int, index: int, order=None):

@@ -53,6 +53,7 @@ from .scan import CTWindow
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
 OPTIMIZERS, SCHEDULES, DEVICES = ("sgd", "adam", "adamw"), ("none", "step", "cosine"), ("cpu", "gpu")
+SAMPLING_MODES = ("shuffle", "sources")
 
 
 @dataclass
@@ -72,6 +73,9 @@ class TrainConfig:
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up")
     step_epochs: int = option(15, "step schedule: lr *= 0.1 every this many epochs")
     class_weights: str = option("balanced", "loss weight per class: balanced, none, or 'w0,w1'")
+    sampling: str = option("shuffle", "shuffle: every training slice once per epoch; sources: draw slices with "
+                                      "replacement so that every source (paper, case: covidct.sources) of a class "
+                                      "weighs alike", choices=SAMPLING_MODES)
     augment: str = option("flip,rotate:10",
                           "e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; 'none'")
     seed: int = option(0, "random seed (weights, order, augmentation)")
@@ -133,6 +137,7 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"--schedule must be none, step or cosine, got {self.schedule!r}"),
             (self.step_epochs >= 1, f"--step-epochs must be >= 1, got {self.step_epochs}"),
             (self.members >= 1, f"--members must be >= 1, got {self.members}"),
+            (self.sampling in SAMPLING_MODES, f"--sampling must be shuffle or sources, got {self.sampling!r}"),
             (self.select in SELECT_METRICS, f"--select must be one of {SELECT_METRICS}, got {self.select!r}"),
             (self.device in DEVICES, f"--device must be cpu or gpu, got {self.device!r}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
@@ -389,7 +394,8 @@ class Trainer(EpochLoop):
         self.loader = DataLoader(data.train_images, data.train_labels, config.batch_size // self.comm.size,
                                  shuffle=True, shard=(self.comm.rank, self.comm.size),
                                  drop_last=len(data.train_images) > config.batch_size, seed=config.seed,
-                                 augment=self.augment, device=config.device, normalize=(self.mean, self.std))
+                                 augment=self.augment, device=config.device, normalize=(self.mean, self.std),
+                                 weights=sampling_weights(config, data))
         self.strategy = None         # covidct.frozen: which part learns, and on what
         self.init_loop()
 
@@ -489,6 +495,17 @@ def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData 
         if resume:
             trainer.resume()
         return trainer.fit()
+
+
+def sampling_weights(config: TrainConfig, data: TrainData):
+    """The training loader's weights for --sampling sources (None: visit every slice once per epoch;
+    also when every source has one slice, where the weights would all be equal)."""
+    if config.sampling == "shuffle":
+        return None
+    from .sources import source_weights
+
+    weights = source_weights(data.train_paths, data.train_labels)
+    return None if np.allclose(weights, weights[0]) else weights
 
 
 def member_seed(seed: int, member: int) -> int:
