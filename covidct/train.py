@@ -73,9 +73,9 @@ class TrainConfig:
     warmup_epochs: int = option(2, "epochs of linear learning-rate warm-up")
     step_epochs: int = option(15, "step schedule: lr *= 0.1 every this many epochs")
     class_weights: str = option("balanced", "loss weight per class: balanced, none, or 'w0,w1'")
-    sampling: str = option("shuffle", "shuffle: every training slice once per epoch; sources: draw slices with "
-                                      "replacement so that every source (paper, case: covidct.sources) of a class "
-                                      "weighs alike", choices=SAMPLING_MODES)
+    sampling: str = option("sources", "sources: draw slices with replacement so that every source (paper, case: "
+                                      "covidct.sources) of a class weighs alike (the cross-validated best); "
+                                      "shuffle: every training slice once per epoch", choices=SAMPLING_MODES)
     augment: str = option("flip,rotate:10",
                           "e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; 'none'")
     seed: int = option(0, "random seed (weights, order, augmentation)")
