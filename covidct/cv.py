@@ -17,9 +17,9 @@ epoch (the held-out fold never picks an epoch or a threshold); its predictions o
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
 drawn R times (different seeds) and each slice's OOF probability is the mean over
 repeats (and, with --tta, over each slice and its mirror image). With --members M (a
-recipe option, as in covidct train) every fold trains M models that differ only in their seed (weights, order, augmentation), and
-the fold's held-out probability is their mean: the OOF figures then measure an ensemble
-of M seeds, the way it would be used. The decision threshold is chosen once on all OOF
+recipe option, as in covidct train) every fold trains M models that differ only in their
+seed (weights, order, augmentation), and the fold's held-out probability is their mean:
+the OOF figures then measure an ensemble of M seeds, the way it would be used. The decision threshold is chosen once on all OOF
 predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
 reported per fold as mean +/- sd. The k x M fold models of the first repeat are saved as
 one ensemble checkpoint that evaluate and predict take like any other.
@@ -100,9 +100,7 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
             threadpool_limits(blas_threads)
         except ImportError:
             pass
-    from .checkpoint import load_checkpoint
-    from .evaluate import predict_proba
-    from .train import Trainer
+    from .train import Trainer, predict_checkpoint
 
     lines = []
     run_dir = Path(config.out)
@@ -114,11 +112,9 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
         # else: training had finished; only the held-out predictions are missing
     else:
         trainer.fit()
-    model, meta = load_checkpoint(run_dir / "best.npz", config.device)
-    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
-    scores = predict_proba(model, test_images, mean, std, device=config.device)
+    scores = predict_checkpoint(run_dir / "best.npz", test_images, config.device)
     if tta:
-        mirrored = predict_proba(model, test_images[..., ::-1].copy(), mean, std, device=config.device)
+        mirrored = predict_checkpoint(run_dir / "best.npz", test_images[..., ::-1].copy(), config.device)
         scores = (scores + mirrored) / 2
     mode = "a" if resume else "w"
     with open(run_dir / "log.txt", mode) as log_file:

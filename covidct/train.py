@@ -463,9 +463,11 @@ class Trainer(EpochLoop):
                                    title=f"validation, {self.kept} epoch {meta['epoch'] + 1}")
         meta.update(threshold=threshold, metrics={"val": metrics["threshold"]})
         save_checkpoint(best_path, model, meta)
-        self.log(report_text(data.val_labels, scores, threshold, f"validation split, {self.kept} epoch {meta['epoch'] + 1}"))
-        return {"best_epoch": meta["epoch"] + 1, "kept": self.kept, "threshold": threshold, "val": metrics["threshold"],
-                "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(self.run_dir), "checkpoint": str(best_path)}
+        self.log(report_text(data.val_labels, scores, threshold,
+                             f"validation split, {self.kept} epoch {meta['epoch'] + 1}"))
+        return {"best_epoch": meta["epoch"] + 1, "kept": self.kept, "threshold": threshold,
+                "val": metrics["threshold"], "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(self.run_dir),
+                "checkpoint": str(best_path)}
 
     def write_history(self) -> None:
         import pandas as pd
