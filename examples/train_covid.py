@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: 40 on synthetic data, 40 on real data")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--members", type=int, default=None,
+    parser.add_argument("--members", type=int, default=None, metavar="M",
                         help="train an ensemble of this many seeds (default: covidct train's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
