@@ -19,15 +19,17 @@ drawn R times (different seeds) and each slice's OOF probability is the mean ove
 repeats (and, with --tta, over each slice and its mirror image). With --members M (a
 recipe option, as in covidct train) every fold trains M models that differ only in their
 seed (weights, order, augmentation), and the fold's held-out probability is their mean:
-the OOF figures then measure an ensemble of M seeds, the way it would be used. The decision threshold is chosen once on all OOF
-predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
-reported per fold as mean +/- sd. The k x M fold models of the first repeat are saved as
-one ensemble checkpoint that evaluate and predict take like any other.
+the OOF figures then measure an ensemble of M seeds, the way it would be used. The
+decision threshold is chosen once on all OOF predictions (Youden's J, or the smallest
+threshold reaching --target-sensitivity) and reported per fold as mean +/- sd. The
+k x M fold models of the first repeat are saved as one ensemble checkpoint that
+evaluate and predict take like any other.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
 (config, folds, repeats, tta) is read back from RUN/config.json, a fold model whose
-held-out predictions were written (``r<R>-fold<F>[-m<M>]/heldout.csv``) is not trained again, and a fold
-stopped mid-way continues from its last.npz, bit-identical to an uninterrupted run.
+held-out predictions were written (``r<R>-fold<F>[-m<M>]/heldout.csv``) is not trained
+again, and a fold stopped mid-way continues from its last.npz, bit-identical to an
+uninterrupted run.
 """
 from __future__ import annotations
 
