@@ -102,7 +102,8 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
             threadpool_limits(blas_threads)
         except ImportError:
             pass
-    from .train import Trainer, predict_checkpoint
+    from .evaluate import predict_checkpoint
+    from .train import Trainer
 
     lines = []
     run_dir = Path(config.out)

@@ -49,6 +49,14 @@ def predict_proba(model: mc.Module, images: np.ndarray, mean: float, std: float,
     return softmax(logits.astype(np.float64))[:, 1]
 
 
+def predict_checkpoint(path, images: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """P(COVID) of a checkpoint's model on in-memory images, on the checkpoint's own normalisation."""
+    from .checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(path, device)
+    return predict_proba(model, images, meta["normalization"]["mean"], meta["normalization"]["std"], device=device)
+
+
 def choose_threshold(labels, scores, target_sensitivity: float | None) -> float:
     """0.5, or the largest threshold that reaches the target sensitivity on these (validation) labels."""
     if target_sensitivity is None:

@@ -60,6 +60,17 @@ def learning_rate(config, epoch: int) -> float:
     return config.lr
 
 
+def run_ended(meta: dict, config) -> str | None:
+    """Why a run whose last.npz holds ``meta`` cannot go on under ``config``: "stopped early" (patience
+    epochs without improvement), "completed" (all config.epochs done), or None (it can continue)."""
+    patience = getattr(config, "patience", None)
+    if meta.get("best_key") is not None and patience is not None and meta.get("stale_epochs", 0) >= patience:
+        return "stopped early"
+    if meta["epoch"] + 1 >= config.epochs:
+        return "completed"
+    return None
+
+
 def dropout_rngs(model):
     return [layer.rng for layer in model.modules() if isinstance(layer, mc.Dropout)]
 
@@ -151,11 +162,11 @@ class EpochLoop:
         self.history, self.best_key = meta["history"], meta.get("best_key")
         self.stale_epochs, self.start_epoch = meta.get("stale_epochs", 0), meta["epoch"] + 1
         planned = meta.get(self.config_key, {}).get("epochs", self.config.epochs)
-        patience = getattr(self.config, "patience", None)
-        if self.best_key is not None and patience is not None and self.stale_epochs >= patience:
+        ended = run_ended(meta, self.config)
+        if ended == "stopped early":
             raise CovidCTError(f"--resume {self.run_dir}: the run stopped early after epoch {self.start_epoch} "
-                               f"({patience} epochs without improvement); its best epoch is in best.npz")
-        if self.start_epoch >= self.config.epochs:
+                               f"({self.config.patience} epochs without improvement); its best epoch is in best.npz")
+        if ended == "completed":
             raise CovidCTError(f"--resume {self.run_dir}: the run already completed {self.start_epoch} of "
                                f"{self.config.epochs} epochs; to train longer pass --epochs N with N > "
                                f"{self.start_epoch}")

@@ -39,10 +39,10 @@ from .augment import parse_augment
 from .checkpoint import TASK_COVID, check_finite, save_checkpoint
 from .data import read_dataset
 from .errors import CovidCTError
-from .evaluate import choose_threshold, predict_proba, report_text, write_evaluation
+from .evaluate import choose_threshold, predict_checkpoint, predict_proba, report_text, write_evaluation
 from .frozen import strategy_for
 from .loader import DataLoader
-from .loop import EpochLoop, learning_rate, write_run_config  # noqa: F401  (learning_rate: public here too)
+from .loop import EpochLoop, learning_rate, run_ended, write_run_config  # noqa: F401  (learning_rate: public here too)
 from .metrics import classification_metrics
 from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
 from .options import option
@@ -525,9 +525,9 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
     out = Path(config.out)
     with RunLock(out, log):
         write_run_config(out, config)
-        model_config = model_config_for(config)
         if data is None:
-            data = TrainData.from_config(config, preprocess_for(config, model_config), skipped_dir=out, log=log)
+            data = TrainData.from_config(config, preprocess_for(config, model_config_for(config)), skipped_dir=out,
+                                         log=log)
         checkpoints = []
         for member in range(config.members):
             member_config = replace(config, out=str(out / f"member{member}"), seed=member_seed(config.seed, member),
@@ -553,23 +553,13 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
 
 
 def finished(trainer: Trainer) -> bool:
-    """Has this member's run ended (all epochs, or stopped early) with its evaluation written?"""
+    """Has this member's run ended (``covidct.loop.run_ended``) with its evaluation written?"""
     from .checkpoint import read_checkpoint
 
     last = trainer.run_dir / "last.npz"
     if not (last.is_file() and (trainer.run_dir / "metrics.json").is_file()):
         return False
-    meta = read_checkpoint(last)[2]
-    stopped_early = trainer.config.select != "last" and meta.get("stale_epochs", 0) >= trainer.config.patience
-    return meta["epoch"] + 1 >= trainer.config.epochs or stopped_early
-
-
-def predict_checkpoint(path, images, device: str = "cpu") -> np.ndarray:
-    """P(COVID) of a checkpoint's model on in-memory images (its own normalisation)."""
-    from .checkpoint import load_checkpoint
-
-    model, meta = load_checkpoint(path, device)
-    return predict_proba(model, images, meta["normalization"]["mean"], meta["normalization"]["std"], device=device)
+    return run_ended(read_checkpoint(last)[2], trainer.config) is not None
 
 
 def _fmt(value) -> str:

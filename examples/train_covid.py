@@ -24,7 +24,7 @@ from covidct.errors import CovidCTError  # noqa: E402
 from covidct.paths import image_cache_dir  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
 
-SYNTHETIC_RECIPE = dict(epochs=40, lr=3e-3, patience=15)
+SYNTHETIC_RECIPE = dict(epochs=40, lr=3e-3)
 
 
 def main(argv=None) -> int:

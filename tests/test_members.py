@@ -11,7 +11,8 @@ from covidct.checkpoint import load_checkpoint, read_checkpoint
 from covidct.ensemble import Ensemble
 from covidct.errors import CovidCTError
 from covidct.synthetic import write_dataset
-from covidct.train import TrainConfig, Trainer, member_seed, predict_checkpoint, train
+from covidct.evaluate import predict_checkpoint
+from covidct.train import TrainConfig, Trainer, member_seed, train
 
 
 def config(data, out, **overrides):
