@@ -127,7 +127,7 @@ def run_train(args, comm=None) -> int:
         return 130
     if "checkpoint" in summary:                                  # rank 0 of a distributed run
         trained = f"{summary['kept']} epoch {summary['best_epoch']}" if "best_epoch" in summary else \
-            f"an ensemble of {summary['members']} seeds"
+            f"an ensemble of {summary['members']} models"
         print(f"{trained}; checkpoint {summary['checkpoint']}; plots and predictions in {config.out}/")
     return 0
 

@@ -16,18 +16,19 @@ The protocol of one run: every fold trains on the other k-1 folds (+ any
 epoch (the held-out fold never picks an epoch or a threshold); its predictions on
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
 drawn R times (different seeds) and each slice's OOF probability is the mean over
-repeats (and, with --tta, over each slice and its mirror image). With --members M (a
-recipe option, as in covidct train) every fold trains M models that differ only in their
-seed (weights, order, augmentation), and the fold's held-out probability is their mean:
-the OOF figures then measure an ensemble of M seeds, the way it would be used. The
-decision threshold is chosen once on all OOF predictions (Youden's J, or the smallest
-threshold reaching --target-sensitivity) and reported per fold as mean +/- sd. The
-k x M fold models of the first repeat are saved as one ensemble checkpoint that
-evaluate and predict take like any other.
+repeats (and, with --tta, over each slice and its mirror image). With --members M or
+several --lungs views V (recipe options, as in covidct train) every fold trains M x V
+models (seeds: weights, order, augmentation; views: whole slice, lung crop), and the
+fold's held-out probability is their combination as the ensemble makes it (the
+normalised geometric mean, covidct.ensemble): the OOF figures then measure the
+ensemble the way it would be used. The decision threshold is chosen once on all OOF
+predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
+reported per fold as mean +/- sd. The k x M x V fold models of the first repeat are
+saved as one ensemble checkpoint that evaluate and predict take like any other.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
 (config, folds, repeats, tta) is read back from RUN/config.json, a fold model whose
-held-out predictions were written (``r<R>-fold<F>[-m<M>]/heldout.csv``) is not trained
+held-out predictions were written (``r<R>-fold<F>[-m<M>][-<view>]/heldout.csv``) is not trained
 again, and a fold stopped mid-way continues from its last.npz, bit-identical to an
 uninterrupted run.
 """
@@ -180,14 +181,15 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
                    resume: bool = False, log=print) -> dict:
     """k-fold CV of one TrainConfig over its train + val splits (protocol in the module docstring).
 
-    Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>[-m<M>]/, ensemble.npz.
-    config.members: models per fold (seeds); a fold's held-out probability is their mean.
+    Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>[-m<M>][-<view>]/,
+    ensemble.npz. config.members (seeds) x config.views: models per fold; a fold's held-out
+    probability is their combination (covidct.ensemble.combine_probabilities).
     resume: continue a stopped run in config.out (same config, folds, repeats and tta).
     Returns the cv.json dict.
     """
-    from .ensemble import save_ensemble
-    from .train import (TrainData, extra_checkpoint, load_extra, load_split, member_seed, model_config_for,
-                        preprocess_for, pretrain_on_extra)
+    from .ensemble import combine_probabilities, save_ensemble
+    from .train import (TrainData, ensemble_members, extra_checkpoint, load_extra, load_split, member_seed,
+                        model_config_for, preprocess_for, pretrain_on_extra)
 
     if repeats < 1 or jobs < 1:
         raise CovidCTError(f"--repeats and --jobs must be >= 1, got {repeats} and {jobs}")
@@ -195,6 +197,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     config = replace(config, select="last", target_sensitivity=None, progress=False)
     config.validate()
     members = config.members
+    multiview = len(config.views) > 1
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -212,10 +215,11 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
             start = pretrain_on_extra(config, extra, log)
         config = replace(config, pretrained=start, extra_data=())
         extra = None
+    plan = ensemble_members(config)                     # (view index, view config, name suffix, seed number)
     groups = slice_groups(paths, labels)
     log(f"cross-validation: {len(images)} slices from {len(set(groups))} sources "
         f"({int(labels.sum())} COVID), {folds} folds x {repeats} repeats"
-        + (f" x {members} seeds per fold" if members > 1 else "")
+        + (f" x {members} seeds per fold" if members > 1 else "") + (f" x {len(config.views)} views" if multiview else "")
         + (f", + {len(extra[0])} extra training slices" if extra else ""))
 
     tasks = []
@@ -232,21 +236,22 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
                 train_paths = train_paths + list(extra[2])
             test_paths = [p for p, keep in zip(paths, test) if keep]
             data = TrainData(train_images, train_labels, images[test], labels[test], train_paths, test_paths)
-            for member in range(members):                # member 0 keeps the single-model names and seeds
-                name = f"r{repeat}-fold{fold}" + (f"-m{member}" if member else "")
+            for number, (view_index, view_config, suffix, member) in enumerate(plan):  # 0: single-model names, seeds
+                name = f"r{repeat}-fold{fold}" + (f"-m{member}" if member else "") + suffix
                 seed = member_seed(config.seed + 1000 * repeat + fold, member)
-                tasks.append((repeat, fold, member, replace(config, out=str(out / name), seed=seed, members=1), data,
-                              images[test]))
+                tasks.append((repeat, fold, number, replace(view_config, out=str(out / name), seed=seed),
+                              data.view(view_index) if multiview else data,
+                              np.ascontiguousarray(images[test][:, view_index:view_index + 1])))
 
     started = time.perf_counter()
     oof = np.full((repeats, len(images)), np.nan)
-    done = {}                                    # (repeat, fold, member) -> held-out scores (saved by a stopped run)
+    done = {}                            # (repeat, fold, model number) -> held-out scores (saved by a stopped run)
     if resume:
-        for repeat, fold, member, fold_config, data, _ in tasks:
+        for repeat, fold, number, fold_config, data, _ in tasks:
             scores = read_heldout(fold_config.out, data.val_paths)
             if scores is not None:
-                done[repeat, fold, member] = scores
-        log(f"resuming {out}: {len(done)} of {len(tasks)} {'folds' if members == 1 else 'fold models'} done")
+                done[repeat, fold, number] = scores
+        log(f"resuming {out}: {len(done)} of {len(tasks)} {'folds' if len(plan) == 1 else 'fold models'} done")
     todo = [task for task in tasks if task[:3] not in done]
     blas_threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if jobs == 1 or not todo:
@@ -254,20 +259,21 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     else:
         pool = ProcessPoolExecutor(max_workers=jobs)
         results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads, tta, resume) for *_, c, d, t in todo]))
-    for (repeat, fold, member, fold_config, data, _), (scores, _) in zip(todo, results):
+    for (repeat, fold, number, fold_config, data, _), (scores, _) in zip(todo, results):
         write_heldout(fold_config.out, data.val_paths, scores)
-        done[repeat, fold, member] = scores
+        done[repeat, fold, number] = scores
         fold_auc = roc_auc(labels[fold_table[repeat] == fold], scores)
-        seed_note = f" seed {member + 1}/{members}" if members > 1 else ""
-        log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}{seed_note}: held-out AUC {fold_auc:.3f} "
+        _, _, suffix, member = plan[number]
+        model_note = (f" seed {member + 1}/{members}" if members > 1 else "") + (f" view {suffix[1:]}" if multiview else "")
+        log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}{model_note}: held-out AUC {fold_auc:.3f} "
             f"({time.perf_counter() - started:.0f}s so far)")
     if jobs > 1 and todo:
         pool.shutdown()
     for repeat in range(repeats):
         for fold in range(folds):
-            held_out = [done[repeat, fold, member] for member in range(members)]
-            oof[repeat, fold_table[repeat] == fold] = np.mean(held_out, axis=0)
-    ensemble_members = [str(Path(c.out) / "best.npz") for repeat, _, _, c, _, _ in tasks if repeat == 0]
+            held_out = [done[repeat, fold, number] for number in range(len(plan))]
+            oof[repeat, fold_table[repeat] == fold] = combine_probabilities(held_out)
+    fold_models = [str(Path(c.out) / "best.npz") for repeat, _, _, c, _, _ in tasks if repeat == 0]
 
     scores = oof.mean(axis=0)
     threshold, rule = choose_oof_threshold(labels, scores, target)
@@ -275,7 +281,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     result.update(config=asdict(config), folds=folds, repeats=repeats, tta=tta, members=members,
                   n_sources=len(set(groups)), seconds=time.perf_counter() - started)
     write_oof(out / "oof.csv", paths, labels, groups, fold_table, oof, scores)
-    save_ensemble(out / "ensemble.npz", ensemble_members, threshold=threshold, tta=tta,
+    save_ensemble(out / "ensemble.npz", fold_models, threshold=threshold, tta=tta,
                   info={"cv": {k: result[k] for k in ("pooled", "per_fold", "threshold", "threshold_rule")}})
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "cv.md").write_text(format_cv_table(result) + "\n")
@@ -315,7 +321,10 @@ def format_cv_table(result: dict) -> str:
     """cv.json as a small Markdown table (mean +/- sd over folds, pooled OOF with a CI)."""
     fold, pooled = result["per_fold"], result["pooled"]
     low, high = result["pooled_auc_ci95"]
+    config = result.get("config", {})
     seeds = f" x {result['members']} seeds per fold" if result.get("members", 1) > 1 else ""
+    views = len(config.get("lungs", "none").split(",")) * len(config.get("intensity", "none").split(","))
+    seeds += f" x {views} views (--lungs {config['lungs']} --intensity {config['intensity']})" if views > 1 else ""
     lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats{seeds}, "
              f"{result.get('n_sources')} sources; threshold {result['threshold']:.3f} ({result['threshold_rule']})", "",
              "| metric | per fold (mean +/- sd) | pooled out-of-fold |", "|---|---|---|",

@@ -1,24 +1,35 @@
-"""Ensembles: several trained models (fold models, seeds) used as one, with optional flip TTA.
+"""Ensembles: several trained models (fold models, seeds, views) used as one, with optional flip TTA.
 
     save_ensemble(path, member_checkpoints, threshold, tta=False)   -> one .npz checkpoint
-    Ensemble(models, normalizations, tta)                          -> an mc.Module
+    Ensemble(models, normalizations, tta, views, combine)          -> an mc.Module
+    combine_probabilities(p_covid (M, N), combine)                 -> (N,) P(COVID) of the ensemble
 
 An ensemble checkpoint holds each member's weights (``member<i>.model.<name>``)
 and metadata; ``covidct.checkpoint.load_checkpoint`` rebuilds it as an Ensemble
 that ``evaluate`` and ``predict`` use like a single model.
 
-The prediction is the mean of the members' probabilities (and, with TTA, of each
-member on the slice and on its left-right mirror image):
+How the members' probabilities p_1 ... p_K (K = members x TTA views) become one:
 
-    p(x) = 1/(M T) sum_m sum_t softmax(f_m(t(x)))
+    combine="geometric" (ensembles saved since session 7): the normalised geometric mean,
+        log p(x) = 1/K sum_k log softmax(f_k(x)) - logsumexp(...)   (2 classes: the mean log-odds)
+    combine="mean" (older checkpoints, which do not name a rule): the arithmetic mean,
+        p(x) = 1/K sum_k softmax(f_k(x))
+
+Cross-validated on COVID-CT, the geometric mean ranks better when members disagree in
+confidence (whole slice + lung crop: OOF AUC 0.844 against 0.838; README).
+
+Views: members may read different channels of a multi-view input (Preprocess lungs
+"none,crop": channel 0 the whole slice, channel 1 its lung crop); ``views[i]`` is member
+i's channel. Without views every member reads the whole (1-channel) input.
 
 The Ensemble returns log p as its "logits", so softmax(log p) = p and every caller
-that applies a softmax gets the averaged probabilities back unchanged. Each member
+that applies a softmax gets the combined probabilities back unchanged. Each member
 normalises the [0, 1] input with its own training statistics, so the checkpoint's
 own normalisation is the identity (mean 0, std 1).
 
-Grad-CAM (covidct.gradcam) averages the members' heatmaps; ONNX export (covidct.export)
-writes the same mean of softmaxes as one graph.
+Grad-CAM (covidct.gradcam) averages the heatmaps of the members that read channel 0
+(the picture that is shown; a lung crop's heatmap lies in another frame); ONNX export
+(covidct.export) writes the same combination as one graph.
 """
 from __future__ import annotations
 
@@ -30,79 +41,134 @@ import minicnn as mc
 
 from .errors import CovidCTError
 
-__all__ = ["Ensemble", "save_ensemble", "build_ensemble"]
+__all__ = ["Ensemble", "save_ensemble", "build_ensemble", "combine_probabilities", "COMBINE_RULES"]
 
 KIND = "ensemble"
+COMBINE_RULES = ("mean", "geometric")
+
+
+def combine_probabilities(p_covid, combine: str = "geometric") -> np.ndarray:
+    """Members' P(COVID) (M, N) -> the ensemble's (N,): arithmetic mean, or the normalised geometric
+    mean (for two classes: the sigmoid of the mean log-odds), as Ensemble.forward combines them."""
+    p = np.clip(np.asarray(p_covid, np.float64), 1e-12, 1 - 1e-12)
+    if combine == "mean":
+        return p.mean(axis=0)
+    if combine != "geometric":
+        raise CovidCTError(f"ensemble combine rule {combine!r}: expected one of {', '.join(COMBINE_RULES)}")
+    log_odds = np.log(p).mean(axis=0) - np.log1p(-p).mean(axis=0)
+    return 1.0 / (1.0 + np.exp(-log_odds))
 
 
 class Ensemble(mc.Module):
     """Mean probability of several models (inference only). Members are the attributes
     member0, member1, ..., so state_dict names are ``member<i>.<name>``."""
 
-    def __init__(self, models, normalizations, tta: bool = False):
+    def __init__(self, models, normalizations, tta: bool = False, views=None, combine: str = "mean"):
         if not models:
             raise CovidCTError("an ensemble needs at least one model")
+        if combine not in COMBINE_RULES:
+            raise CovidCTError(f"ensemble combine rule {combine!r}: expected one of {', '.join(COMBINE_RULES)}")
+        if views is not None and len(views) != len(models):
+            raise CovidCTError(f"an ensemble of {len(models)} models got {len(views)} view indices")
         for i, model in enumerate(models):
             setattr(self, f"member{i}", model)
         self.normalizations = [(float(m), float(s)) for m, s in normalizations]
         self.tta = tta
+        self.views = None if views is None else [int(v) for v in views]
+        self.combine = combine
 
     @property
     def members(self):
         return self.children()
 
     def member_input(self, x, index: int):
-        """x (in [0, 1], identity-normalised) on member ``index``'s own normalisation."""
+        """x (in [0, 1], identity-normalised) -> member ``index``'s channel, on its own normalisation."""
+        if self.views is not None:
+            view = self.views[index]
+            x = x[:, view:view + 1]                                          # (N, 1, H, W)
         mean, std = self.normalizations[index]
         return (x - np.float32(mean)) / np.float32(std)
 
     def forward(self, x):
-        """x: (N, C, H, W) in [0, 1] (identity-normalised) -> log of the mean probability (N, classes)."""
+        """x: (N, C, H, W) in [0, 1] (identity-normalised) -> log of the combined probability (N, classes)."""
         xp = mc.get_array_module(x)
-        views = [x, xp.ascontiguousarray(x[..., ::-1])] if self.tta else [x]
+        flips = [x, xp.ascontiguousarray(x[..., ::-1])] if self.tta else [x]
         total = 0.0
         for index, model in enumerate(self.members):
-            for view in views:
-                logits = model(self.member_input(view, index))
+            for flip in flips:
+                logits = model(self.member_input(flip, index))
                 shifted = logits - logits.max(axis=1, keepdims=True)
-                probs = xp.exp(shifted)
-                total = total + probs / probs.sum(axis=1, keepdims=True)
-        mean_probs = total / (len(self.normalizations) * len(views))
-        return xp.log(xp.maximum(mean_probs, np.float32(1e-30))).astype(np.float32)
+                log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+                total = total + (log_probs if self.combine == "geometric" else xp.exp(log_probs))
+        combined = total / (len(self.normalizations) * len(flips))          # mean log p, or mean p
+        if self.combine == "geometric":                                     # renormalise: log softmax
+            shifted = combined - combined.max(axis=1, keepdims=True)
+            return (shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
+        return xp.log(xp.maximum(combined, np.float32(1e-30))).astype(np.float32)
 
     def backward(self, grad):
         raise CovidCTError("an ensemble is for inference only (evaluate, predict, Grad-CAM); "
                            "training takes one of its member checkpoints")
 
 
-def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False, info: dict | None = None) -> Path:
-    """Join member checkpoints (same preprocessing) into one ensemble checkpoint, written atomically."""
+def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False, info: dict | None = None,
+                  combine: str = "geometric") -> Path:
+    """Join member checkpoints into one ensemble checkpoint, written atomically. The members'
+    preprocessing must agree except for the view (``lungs``, ``intensity``): members of different
+    views make a multi-view ensemble whose input has one channel per view (Preprocess.views of the
+    modes in order of appearance)."""
     from .checkpoint import load_checkpoint, save_checkpoint
 
-    models, metas, preprocess = [], [], None
+    from .preprocess import Preprocess
+
+    models, metas, shared, modes = [], [], None, {"lungs": [], "intensity": []}
     for member in member_checkpoints:
         model, meta = load_checkpoint(member)
         if meta.get("kind") == KIND:
             raise CovidCTError(f"{member}: is an ensemble itself; give the member checkpoints")
-        preprocess = preprocess or meta["preprocess"]
-        if meta["preprocess"] != preprocess:
+        preprocess = Preprocess.from_dict(meta["preprocess"])
+        if len(preprocess.views) > 1:
+            raise CovidCTError(f"{member}: reads several views itself; give single-view members")
+        rest = {k: v for k, v in preprocess.to_dict().items() if k not in modes}
+        shared = shared or rest
+        if rest != shared:
             raise CovidCTError(f"{member}: preprocessing {meta['preprocess']} differs from the first member's "
-                               f"{preprocess}; an ensemble needs one preprocessing")
+                               f"{shared} in more than the view (lungs, intensity); an ensemble needs one "
+                               f"preprocessing")
+        for key, listed in modes.items():
+            if getattr(preprocess, key) not in listed:
+                listed.append(getattr(preprocess, key))
         models.append(model)
-        metas.append({k: meta[k] for k in ("model_config", "normalization", "epoch")})
-    ensemble = Ensemble(models, [(m["normalization"]["mean"], m["normalization"]["std"]) for m in metas], tta)
-    metadata = {"kind": KIND, "members": metas, "tta": bool(tta), "threshold": float(threshold),
-                "preprocess": preprocess,
+        metas.append({**{k: meta[k] for k in ("model_config", "normalization", "epoch")},
+                      "view": (preprocess.lungs, preprocess.intensity)})
+    joined = Preprocess(**shared, **{key: ",".join(listed) for key, listed in modes.items()})
+    for m in metas:                                   # (lungs, intensity) -> its channel of the joined input
+        m["view"] = joined.views.index(m["view"])
+    views = [m["view"] for m in metas] if len(joined.views) > 1 else None
+    ensemble = Ensemble(models, [(m["normalization"]["mean"], m["normalization"]["std"]) for m in metas], tta,
+                        views=views, combine=combine)
+    metadata = {"kind": KIND, "members": metas, "tta": bool(tta), "combine": combine, "threshold": float(threshold),
+                "preprocess": joined.to_dict(),
                 "normalization": {"mean": 0.0, "std": 1.0}, "model_config": metas[0]["model_config"],
                 "metrics": info or {}}
     return save_checkpoint(path, ensemble, metadata)
 
 
 def build_ensemble(metadata: dict) -> Ensemble:
-    """An Ensemble with fresh members shaped as the checkpoint's metadata says (weights loaded after)."""
+    """An Ensemble with fresh members shaped as the checkpoint's metadata says (weights loaded after).
+    Checkpoints written before views and combine rules existed: one view, arithmetic mean."""
     from .model import build_model, config_from_dict
 
+    from .preprocess import Preprocess
+
     members = metadata["members"]
+    n_views = len(Preprocess.from_dict(metadata["preprocess"]).views)
+    for m in members:
+        if not 0 <= int(m.get("view", 0)) < n_views:
+            raise CovidCTError(f"ensemble member view {m.get('view')}: expected a channel index below {n_views}")
+    multiview = n_views > 1
     return Ensemble([build_model(config_from_dict(m["model_config"])) for m in members],
                     [(m["normalization"]["mean"], m["normalization"]["std"]) for m in members],
-                    tta=bool(metadata.get("tta", False)))
+                    tta=bool(metadata.get("tta", False)),
+                    views=[int(m.get("view", 0)) for m in members] if multiview else None,
+                    combine=metadata.get("combine", "mean"))

@@ -40,6 +40,7 @@ from minicnn.serialization import atomic_write
 
 from . import CLASS_NAMES
 from .ensemble import Ensemble
+from .preprocess import Preprocess
 from .errors import CovidCTError
 from .scan import window_from_metadata
 
@@ -55,6 +56,8 @@ SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float64"): "F64", np
 INPUT_DESCRIPTION = ("image: float32 (N, 1, S, S), one gray CT slice per row, values in [0, 1] "
                      "(see covidct.preprocess: PNG/JPEG by the gray rule, then resized to S x S; "
                      "DICOM/NIfTI in HU through covidct.ct_window first). The graph normalises it itself. "
+                     "A multi-view ensemble (metadata covidct.preprocess lungs 'none,crop') takes (N, V, S, S): "
+                     "channel v is the slice under lung view v (the whole slice, its lung crop). "
                      "Outputs: logits (N, 2) and probabilities (N, 2), column 1 = P(COVID).")
 
 
@@ -143,29 +146,40 @@ class _GraphBuilder:
         raise CovidCTError(f"ONNX export: no ONNX operator known for {type(module).__name__} ({prefix or 'model'})")
 
     def emit_ensemble(self, ensemble, x: str, prefix: str) -> str:
-        """log(mean of the members' softmax), as covidct.ensemble.Ensemble.forward computes it."""
+        """The members' softmaxes combined as covidct.ensemble.Ensemble.forward combines them: log of
+        their mean, or (combine "geometric") the log softmax of their mean log-softmax."""
         join = (lambda name: f"{prefix}.{name}" if prefix else name)
         int64 = (lambda name, values: self.constant(join(name), np.array(values, np.int64)))
         if ensemble.tta:                                 # (2N, C, H, W): the batch, then its mirror images
             mirrored = self.node("Slice", [x, int64("tta.starts", [-1]), int64("tta.ends", [-2 ** 63]),
                                            int64("tta.axes", [3]), int64("tta.steps", [-1])], join("tta"))
             x = self.node("Concat", [x, mirrored], join("tta"), axis=0)
-        probabilities = []
+        geometric = ensemble.combine == "geometric"
+        probabilities = []                               # per member: softmax, or log softmax (geometric)
         for i, (member, (mean, std)) in enumerate(zip(ensemble.members, ensemble.normalizations)):
             name = join(f"member{i}")
+            member_x = x
+            if ensemble.views is not None:               # the member's channel: (N, 1, H, W)
+                view = ensemble.views[i]
+                member_x = self.node("Slice", [x, int64(f"member{i}.view.starts", [view]),
+                                               int64(f"member{i}.view.ends", [view + 1]),
+                                               int64(f"member{i}.view.axes", [1])], join(f"member{i}.view"))
             mean = self.constant(f"{name}.normalization.mean", np.array(mean, np.float32))
             std = self.constant(f"{name}.normalization.std", np.array(std, np.float32))
-            normalized = self.node("Div", [self.node("Sub", [x, mean], name), std], name)
-            probabilities.append(self.node("Softmax", [self.emit(member, normalized, name)], name, axis=1))
+            normalized = self.node("Div", [self.node("Sub", [member_x, mean], name), std], name)
+            probabilities.append(self.node("LogSoftmax" if geometric else "Softmax",
+                                           [self.emit(member, normalized, name)], name, axis=1))
         total = self.node("Sum", probabilities, prefix) if len(probabilities) > 1 else probabilities[0]
         count = self.constant(join("members.count"), np.array(len(probabilities), np.float32))
-        mean_probability = self.node("Div", [total, count], prefix)
-        if ensemble.tta:                                 # (2, N, classes) -> mean over the two views
+        combined = self.node("Div", [total, count], prefix)
+        if ensemble.tta:                                 # (2, N, classes) -> mean over the two flips
             shape = int64("tta.shape", [2, -1, len(CLASS_NAMES)])
-            mean_probability = self.node("ReduceMean", [self.node("Reshape", [mean_probability, shape], prefix)],
-                                         prefix, axes=[0], keepdims=0)
+            combined = self.node("ReduceMean", [self.node("Reshape", [combined, shape], prefix)],
+                                 prefix, axes=[0], keepdims=0)
+        if geometric:
+            return self.node("LogSoftmax", [combined], prefix, axis=1)
         floor = self.constant(join("log.floor"), np.array(1e-30, np.float32))
-        return self.node("Log", [self.node("Max", [mean_probability, floor], prefix)], prefix)
+        return self.node("Log", [self.node("Max", [combined, floor], prefix)], prefix)
 
 
 def export_onnx(model: mc.Module, meta: dict, path) -> Path:
@@ -176,7 +190,8 @@ def export_onnx(model: mc.Module, meta: dict, path) -> Path:
     except ImportError:
         raise CovidCTError('ONNX export needs onnx: pip install -e ".[onnx]"') from None
     size = int(meta["preprocess"]["size"])
-    channels = int(meta["model_config"].get("in_channels", 1))
+    views = len(Preprocess.from_dict(meta["preprocess"]).views)       # a multi-view ensemble's channels
+    channels = views if views > 1 else int(meta["model_config"].get("in_channels", 1))
     builder = _GraphBuilder(helper, numpy_helper)
     mean = builder.constant("normalization.mean", np.array(meta["normalization"]["mean"], np.float32))
     std = builder.constant("normalization.std", np.array(meta["normalization"]["std"], np.float32))

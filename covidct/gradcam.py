@@ -24,7 +24,9 @@ call (None for a model that is not in the middle of a training step).
 
 For an ensemble (covidct.ensemble) the heatmap is the mean of its members' heatmaps,
 each member on its own normalisation of the input (and, with flip TTA, also on the
-mirror image, its heatmap mirrored back), rescaled to a maximum of 1.
+mirror image, its heatmap mirrored back), rescaled to a maximum of 1. A multi-view
+ensemble's heatmap is that of its members reading channel 0 (the whole slice that
+the pictures show); the lung-crop members' heatmaps lie in another frame.
 """
 from __future__ import annotations
 
@@ -170,10 +172,14 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
 
 
 def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return_logits):
-    """The mean of the members' heatmaps (x identity-normalised, as the ensemble takes it)."""
+    """The mean of the heatmaps of the members that read channel 0 (x identity-normalised, as the
+    ensemble takes it): the picture shown is channel 0, and another view's heatmap (a lung crop's)
+    lies in another frame."""
     xp = mc.get_array_module(x)
     total = np.zeros((x.shape[0],) + tuple(x.shape[2:]), np.float64)
     for index, member in enumerate(ensemble.members):
+        if ensemble.views is not None and ensemble.views[index] != 0:
+            continue
         for mirrored in ((False, True) if ensemble.tta else (False,)):
             view = xp.ascontiguousarray(x[..., ::-1]) if mirrored else x
             heatmaps = gradcam(member, ensemble.member_input(view, index), target_class, layer_index, batch_size)

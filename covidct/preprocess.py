@@ -38,7 +38,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +67,20 @@ MAX_PIXELS = 50_000_000                # larger images are refused before decodi
 DECODE_BUDGET_PIXELS = 32_000_000      # pixels being decoded at once, over all threads (~20 bytes each)
 
 
+def is_mode_list(value, modes) -> bool:
+    """Is ``value`` one of ``modes``, or several different ones joined by commas ("none,crop")?"""
+    listed = value.split(",") if isinstance(value, str) else [value]
+    return all(mode in modes for mode in listed) and len(set(listed)) == len(listed)
+
+
+def view_name(lungs: str, intensity: str) -> str:
+    """A view's short name for run folders and logs: "crop", "none-equalize"."""
+    return lungs if intensity == "none" else f"{lungs}-{intensity}"
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """How a file becomes a (1, size, size) float32 array.
+    """How a file becomes a (1, size, size) float32 array (or (views, size, size): see lungs).
 
     size:   output height = width in pixels.
     resize: "pad"     keep the aspect ratio: scale the longer side to `size`, centre
@@ -82,11 +93,17 @@ class Preprocess:
                       implausible keep the whole slice (counted by load_images).
             "mask"    as crop, and everything outside the (slightly grown) lung mask
                       is set to 0 (air).
+            "none,crop" (several modes joined by commas): several views, see below.
     intensity: "none"     the gray values as decoded.
             "equalize" histogram equalisation of each slice (after the lung cut, before
                       the resize; see equalize): every slice then uses the whole gray
                       range evenly, whatever window, contrast and gamma the figure it
                       came from had.
+    Several views: lungs and intensity may each list several modes joined by commas;
+    every combination is one view, lungs-major ("none,crop" x "none,equalize": whole,
+    whole equalised, crop, crop equalised), and the output has one channel per view:
+    (views, size, size). That is the input of a multi-view ensemble, whose members each
+    read one channel (covidct.ensemble).
     Stored in checkpoints as JSON: see to_dict() / from_dict(); evaluate, predict and
     Grad-CAM repeat exactly the preprocessing a model was trained with.
     """
@@ -101,13 +118,24 @@ class Preprocess:
             raise DataError(f"Preprocess size={self.size!r}: expected a positive integer number of pixels")
         if self.resize not in RESIZE_MODES:
             raise DataError(f"Preprocess resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
-        if self.lungs not in LUNG_MODES:
-            raise DataError(f"Preprocess lungs={self.lungs!r}: expected one of {', '.join(LUNG_MODES)}")
-        if self.intensity not in INTENSITY_MODES:
-            raise DataError(f"Preprocess intensity={self.intensity!r}: expected one of {', '.join(INTENSITY_MODES)}")
+        for name, modes in (("lungs", LUNG_MODES), ("intensity", INTENSITY_MODES)):
+            value = getattr(self, name)
+            if not is_mode_list(value, modes):
+                raise DataError(f"Preprocess {name}={value!r}: expected one of {', '.join(modes)}, "
+                                f"or several different ones joined by commas (e.g. {modes[0]},{modes[1]})")
         if not 0 <= self.lung_margin <= 1:
             raise DataError(f"Preprocess lung_margin={self.lung_margin!r}: expected a fraction in [0, 1]")
         object.__setattr__(self, "size", int(self.size))
+
+    @property
+    def views(self) -> tuple[tuple[str, str], ...]:
+        """(lungs, intensity) of each input channel: (("none", "none"),) for a plain slice."""
+        return tuple((lungs, intensity) for lungs in self.lungs.split(",") for intensity in self.intensity.split(","))
+
+    def view(self, index: int) -> "Preprocess":
+        """The single-channel preprocessing of channel ``index``."""
+        lungs, intensity = self.views[index]
+        return replace(self, lungs=lungs, intensity=intensity)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,7 +265,7 @@ def _check_finite(image: Image.Image, path: str) -> None:
 
 
 def _decode_bytes(data: bytes, path: str, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int], bool]:
-    """File bytes -> ((1, size, size) float32, content (h, w) after resize, lungs found), or DataError
+    """File bytes -> ((views, size, size) float32, content (h, w) after resize, lungs found), or DataError
     naming `path`. "lungs found" is True unless pre.lungs asked for a crop and the mask was implausible."""
     gray = _gray_from_bytes(data, path)
     with _decode_budget.hold(gray.size):
@@ -281,9 +309,13 @@ def _gray_from_bytes(data: bytes, path: str) -> np.ndarray:
 
 
 def prepare_gray(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int], bool]:
-    """A gray slice (h, w) in [0, 1] -> ((1, size, size) float32, content (h, w) after resize, lungs
-    found): the lung-field cut that pre.lungs asks for, then the resize. Every input (PNG, JPEG,
-    DICOM, NIfTI slice) goes through here after its conversion to gray."""
+    """A gray slice (h, w) in [0, 1] -> ((views, size, size) float32, content (h, w) after resize, lungs
+    found): the lung-field cut that pre.lungs asks for, then the resize; one channel per view. Every
+    input (PNG, JPEG, DICOM, NIfTI slice) goes through here after its conversion to gray."""
+    if len(pre.views) > 1:                      # one channel per view; content size of the first
+        outputs = [prepare_gray(gray, pre.view(index)) for index in range(len(pre.views))]
+        return (np.concatenate([image for image, _, _ in outputs]), outputs[0][1],
+                all(found for _, _, found in outputs))
     gray, lungs_found = _cut_to_lungs(np.asarray(gray, np.float32), pre)
     if pre.intensity == "equalize":
         gray = equalize(gray)
@@ -319,9 +351,10 @@ def input_lung_mask(gray: np.ndarray, pre: Preprocess) -> np.ndarray | None:
     """The lung fields of a whole gray slice (h, w) in the geometry of its model input: bool
     (size, size), or None where the mask is implausible. The mask is found on the whole slice
     (covidct.lungs) and then cut and resized exactly as the image is (prepare_gray), so it stays
-    right for lung-cropped inputs."""
+    right for lung-cropped inputs. Several views: the first channel's geometry."""
     from .lungs import crop_to_lungs, find_lungs
 
+    pre = pre.view(0)
     lungs = find_lungs(gray)
     if not lungs.found:
         return None
@@ -359,7 +392,8 @@ def _read_bytes(path: str) -> bytes:
 
 
 def load_image(path, preprocess: Preprocess = Preprocess(), min_size: int | None = None) -> np.ndarray:
-    """One image file -> float32 (1, H, W) in [0, 1] with H = W = preprocess.size.
+    """One image file -> float32 (1, H, W) in [0, 1] with H = W = preprocess.size ((views, H, W) for
+    several lung views).
 
     min_size: smallest content size (px) accepted after resizing; in "pad" mode a
     very wide or very tall image can end up thinner than that -> DataError.
@@ -399,13 +433,13 @@ def _disk_cache_file(cache_dir: Path, pre_key: str, content_hash: str) -> Path:
     return cache_dir / f"images-{pre_key}" / content_hash[:2] / f"{content_hash}.npz"
 
 
-def _load_cached(file: Path, size: int):
+def _load_cached(file: Path, shape: tuple[int, int, int]):
     try:
         with np.load(file, allow_pickle=False) as npz:
             image, content_hw, lungs_found = npz["image"], npz["content_hw"], npz["lungs_found"]
     except (OSError, ValueError, KeyError, EOFError):  # absent or damaged entry: decode again
         return None
-    if image.shape != (1, size, size) or image.dtype != np.float32 or content_hw.shape != (2,):
+    if image.shape != shape or image.dtype != np.float32 or content_hw.shape != (2,):
         return None
     return image, (int(content_hw[0]), int(content_hw[1])), bool(lungs_found)
 
@@ -433,7 +467,7 @@ def _load_one(path: str, pre: Preprocess, cache_dir: Path | None, min_size: int 
         entry = _memory_cache.get(key)
     cache_file = _disk_cache_file(cache_dir, key[1], content_hash) if cache_dir is not None else None
     if entry is None and cache_file is not None:
-        entry = _load_cached(cache_file, pre.size)
+        entry = _load_cached(cache_file, (len(pre.views), pre.size, pre.size))
         if entry is not None:
             _remember(key, entry)
     if entry is None:
@@ -448,7 +482,8 @@ def _load_one(path: str, pre: Preprocess, cache_dir: Path | None, min_size: int 
 def load_images(dataset, preprocess: Preprocess = Preprocess(), cache_dir=None, skip_bad: bool = False,
                 progress: bool = False, min_size: int | None = None, skipped_log=None,
                 workers: int | None = None, stats: dict | None = None):
-    """Decode every image of a Dataset -> (images (N, 1, H, W) float32, labels (N,) int64, paths).
+    """Decode every image of a Dataset -> (images (N, 1, H, W) float32, labels (N,) int64, paths);
+    (N, views, H, W) for several lung views (Preprocess.lungs).
 
     cache_dir:   folder for the on-disk cache (one .npz per image, keyed by a hash of
                  the file's bytes and the preprocessing settings), or None. Decoded

@@ -48,7 +48,8 @@ from .model import ModelConfig, build_model, count_parameters, preset, split_bac
 from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
-from .preprocess import INTENSITY_MODES, LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, load_images
+from .preprocess import (INTENSITY_MODES, LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, is_mode_list,
+                         load_images, view_name)
 from .scan import CTWindow
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
@@ -101,14 +102,15 @@ class TrainConfig:
                                  metavar="N")
     backbone_lr_scale: float = option(1.0, "the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning)",
                                       metavar="S")
-    lungs: str = option("none", "cut every slice to its lung fields before resizing (crop), and also blank what "
-                                "lies outside the lung mask (mask); stored in the checkpoint (covidct/lungs.py)",
-                        choices=LUNG_MODES)
+    lungs: str = option("none,crop", "cut every slice to its lung fields before resizing (crop), and also blank what "
+                                "lies outside the lung mask (mask); stored in the checkpoint (covidct/lungs.py). "
+                                "Several, joined by commas (none,crop): one model per view, saved as one "
+                                "multi-view ensemble", metavar="{none,crop,mask}")
     resize: str = option("stretch", "stretch: fill the square (the cross-validated best); pad: keep the aspect "
                                     "ratio on a black square", choices=RESIZE_MODES)
     intensity: str = option("none", "equalize: histogram-equalise every slice, so that figures with other "
-                                    "windows and contrasts look alike; stored in the checkpoint",
-                            choices=INTENSITY_MODES)
+                                    "windows and contrasts look alike; stored in the checkpoint. Both (none,equalize): "
+                                    "one model per view, as with --lungs", metavar="{none,equalize}")
     extra_data: tuple = option((), "another dataset whose images (all of them) are added to TRAINING only, never "
                                    "to validation or CV test folds; repeatable (e.g. ../shared/sars-cov-2-ct)",
                                metavar="PATH")
@@ -122,6 +124,12 @@ class TrainConfig:
 
     def __post_init__(self):
         self.extra_data = tuple(self.extra_data or ())
+
+    @property
+    def views(self) -> tuple[tuple[str, str], ...]:
+        """(lungs, intensity) of every view: --lungs x --intensity, lungs-major (Preprocess.views);
+        one view for single modes, else one model per view."""
+        return tuple((lungs, intensity) for lungs in self.lungs.split(",") for intensity in self.intensity.split(","))
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -151,12 +159,16 @@ class TrainConfig:
                                f"used together with --freeze-backbone")
         if not self.backbone_lr_scale > 0:
             raise CovidCTError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
-        if self.lungs not in LUNG_MODES:
-            raise CovidCTError(f"--lungs must be one of {', '.join(LUNG_MODES)}, got {self.lungs!r}")
+        for flag, value, modes in (("--lungs", self.lungs, LUNG_MODES), ("--intensity", self.intensity,
+                                                                          INTENSITY_MODES)):
+            if not is_mode_list(value, modes):
+                raise CovidCTError(f"{flag} must be one of {', '.join(modes)}, or several different ones joined "
+                                   f"by commas ({modes[0]},{modes[1]}), got {value!r}")
+        if len(self.views) > 1 and self.extra_data and self.extra_mode == "pretrain":
+            raise CovidCTError(f"--lungs {self.lungs} --intensity {self.intensity} with --extra-mode pretrain: "
+                               f"pretraining is done for one view; use one mode of each, or --extra-mode mix")
         if self.resize not in RESIZE_MODES:
             raise CovidCTError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
-        if self.intensity not in INTENSITY_MODES:
-            raise CovidCTError(f"--intensity must be one of {', '.join(INTENSITY_MODES)}, got {self.intensity!r}")
         if self.extra_mode == "pretrain" and self.extra_data and self.pretrained \
                 and self.pretrained != extra_checkpoint(self):
             raise CovidCTError("--extra-mode pretrain makes its own starting weights; leave out --pretrained")
@@ -266,6 +278,7 @@ class TrainData:
     """The images a Trainer learns from (train) and reports on (val; with --select, picks the epoch), in memory.
 
     train_images, val_images: float32 (N, 1, H, W) in [0, 1], H = W = the model's input size
+                              ((N, views, H, W) for several lung views: ``view(i)`` is one of them)
     train_labels, val_labels: int (N,), 1 = COVID
     train_paths, val_paths:   where each image came from (for predictions.csv), or None
     """
@@ -281,11 +294,18 @@ class TrainData:
         self.val_labels = np.asarray(self.val_labels, dtype=np.int64)
         for name in ("train", "val"):
             images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
-            if images.ndim != 4 or images.shape[1] != 1 or len(images) != len(labels) or len(images) == 0:
-                raise CovidCTError(f"TrainData: {name} images must be (N, 1, H, W) with N = len(labels) > 0, "
+            if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+                raise CovidCTError(f"TrainData: {name} images must be (N, C, H, W) with N = len(labels) > 0, "
                                    f"got images {images.shape} and {len(labels)} labels")
             if getattr(self, f"{name}_paths") is None:
                 setattr(self, f"{name}_paths", [f"{name}[{i}]" for i in range(len(images))])
+
+    def view(self, index: int) -> "TrainData":
+        """The same slices, only channel ``index`` (one lung view) of the images."""
+        def channel(images):
+            return np.ascontiguousarray(images[:, index:index + 1])
+        return TrainData(channel(self.train_images), self.train_labels, channel(self.val_images), self.val_labels,
+                         self.train_paths, self.val_paths)
 
     @classmethod
     def from_config(cls, config: TrainConfig, preprocess: Preprocess, skipped_dir=None, log=print) -> "TrainData":
@@ -361,19 +381,24 @@ class Trainer(EpochLoop):
         if config.batch_size % self.comm.size:
             raise CovidCTError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of "
                                f"the number of ranks, {self.comm.size}")
+        if len(config.views) > 1:
+            raise CovidCTError(f"--lungs {config.lungs} --intensity {config.intensity}: a Trainer trains one model "
+                               f"on one view; covidct.train.train trains one per view")
         self.config, self.log = config, log
         self.run_dir = Path(config.out)
         self.model_config = model_config_for(config)
         self.preprocess = preprocess_for(config, self.model_config)
         if data is None:
-            writable_dir(self.run_dir, "--out")
-            if config.cache_dir:
-                writable_dir(config.cache_dir, "--cache-dir")
+            check_outputs(config)
             data = TrainData.from_config(config, self.preprocess, skipped_dir=self.run_dir, log=log)
         size = self.preprocess.size
         if data.train_images.shape[2:] != (size, size) or data.val_images.shape[2:] != (size, size):
             raise CovidCTError(f"TrainData: images of {data.train_images.shape[2:]} and {data.val_images.shape[2:]}"
                                f" pixels, but model '{config.model}' takes {size}x{size}")
+        channels = self.model_config.in_channels
+        if data.train_images.shape[1] != channels or data.val_images.shape[1] != channels:
+            raise CovidCTError(f"TrainData: images of {data.train_images.shape[1]} and {data.val_images.shape[1]} "
+                               f"channels, but model '{config.model}' takes {channels}")
         self.data = data
         self.mean, self.std = compute_normalization(data.train_images)  # training split only
 
@@ -481,22 +506,30 @@ class Trainer(EpochLoop):
 
 def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None) -> dict:
     """Train (or resume) a run; returns the kept epoch's validation summary (on rank 0 of ``comm``).
-    With config.members > 1: a seed ensemble (``train_members``).
+    With config.members > 1 or several views (--lungs, --intensity): an ensemble (``train_members``).
 
     The run directory is locked first (by rank 0 of a distributed run), so a second writer is refused
     before any work.
     """
     config.validate()                                   # a bad option leaves no run directory behind
-    if config.members > 1:
+    if config.members > 1 or len(config.views) > 1:
         if comm is not None and comm.size > 1:
-            raise CovidCTError(f"--members {config.members} with --distributed: train the members of an ensemble "
-                               f"one run at a time (leave out --members, or --distributed)")
+            raise CovidCTError(f"--members {config.members} --lungs {config.lungs} --intensity {config.intensity} "
+                               f"with --distributed: train the members of an ensemble one run at a time (one seed "
+                               f"and one view, or leave out --distributed)")
         return train_members(config, resume, log, data)
     with RunLock(config.out, log) if comm is None or comm.rank == 0 else contextlib.nullcontext():
         trainer = Trainer(config, data=data, log=log, comm=comm)
         if resume:
             trainer.resume()
         return trainer.fit()
+
+
+def check_outputs(config: TrainConfig) -> None:
+    """CovidCTError naming the flag unless --out (and --cache-dir) can be written: before any decoding."""
+    writable_dir(config.out, "--out")
+    if config.cache_dir:
+        writable_dir(config.cache_dir, "--cache-dir")
 
 
 def sampling_weights(config: TrainConfig, data: TrainData):
@@ -515,40 +548,55 @@ def member_seed(seed: int, member: int) -> int:
     return seed + 100_000 * member
 
 
+def ensemble_members(config: TrainConfig) -> list[tuple[int, TrainConfig, str, int]]:
+    """The single-model runs of an ensemble recipe, one per view and seed (--members), view-major:
+    [(view index, the view's config (one --lungs and --intensity mode, --members 1), run-name suffix
+    ("" for a single view, else "-crop", "-none-equalize", ...), seed number)]. Callers set out and seed."""
+    multiview = len(config.views) > 1
+    return [(index, replace(config, lungs=lungs, intensity=intensity, members=1),
+             f"-{view_name(lungs, intensity)}" if multiview else "", member)
+            for index, (lungs, intensity) in enumerate(config.views) for member in range(config.members)]
+
+
 def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None) -> dict:
-    """A seed ensemble: config.members runs that differ only in their seed, in RUN/member<i>/, joined
-    into RUN/ensemble.npz (the mean of their probabilities, covidct.ensemble) with its threshold
-    chosen on val like a single run's. The data is decoded once for all members. On resume,
-    finished members are kept and a stopped one continues from its last.npz."""
-    from .ensemble import save_ensemble
+    """An ensemble: config.members runs that differ only in their seed, for every --lungs view, in
+    RUN/member<i>[-<view>]/, joined into RUN/ensemble.npz (their normalised geometric mean,
+    covidct.ensemble) with its threshold chosen on val like a single run's. The data is decoded once
+    for all members. On resume, finished members are kept and a stopped one continues from its last.npz."""
+    from .ensemble import combine_probabilities, save_ensemble
 
     out = Path(config.out)
     with RunLock(out, log):
         write_run_config(out, config)
         if data is None:
+            check_outputs(config)
             data = TrainData.from_config(config, preprocess_for(config, model_config_for(config)), skipped_dir=out,
                                          log=log)
-        checkpoints = []
-        for member in range(config.members):
-            member_config = replace(config, out=str(out / f"member{member}"), seed=member_seed(config.seed, member),
-                                    members=1)
-            log(f"member {member + 1}/{config.members}: seed {member_config.seed}, {member_config.out}")
-            trainer = Trainer(member_config, data=data, log=log)
+        plan = ensemble_members(config)
+        checkpoints, scores = [], []
+        for number, (view_index, view_config, suffix, member) in enumerate(plan):
+            member_config = replace(view_config, out=str(out / f"member{member}{suffix}"),
+                                    seed=member_seed(config.seed, member))
+            view_data = data.view(view_index) if len(config.views) > 1 else data
+            log(f"member {number + 1}/{len(plan)}: --lungs {member_config.lungs} --intensity "
+                f"{member_config.intensity}, seed {member_config.seed}, {member_config.out}")
+            trainer = Trainer(member_config, data=view_data, log=log)
             if resume and finished(trainer):
-                log(f"member {member + 1} had finished")
+                log(f"member {number + 1} had finished")
             else:
                 if resume and (trainer.run_dir / "last.npz").is_file():
                     trainer.resume()
                 trainer.fit()
             checkpoints.append(str(trainer.run_dir / "best.npz"))
-        scores = np.mean([predict_checkpoint(path, data.val_images, config.device) for path in checkpoints], axis=0)
+            scores.append(predict_checkpoint(checkpoints[-1], view_data.val_images, config.device))
+        scores = combine_probabilities(scores)
         threshold = choose_threshold(data.val_labels, scores, config.target_sensitivity)
-        title = f"validation, ensemble of {config.members} seeds"
+        title = f"validation, ensemble of {len(plan)} models"
         metrics = write_evaluation(out, data.val_labels, scores, data.val_paths, threshold, title=title)
         ensemble = save_ensemble(out / "ensemble.npz", checkpoints, threshold,
                                  info={"val": metrics["threshold"]})
-        log(report_text(data.val_labels, scores, threshold, f"validation split, ensemble of {config.members} seeds"))
-        return {"members": config.members, "threshold": threshold, "val": metrics["threshold"],
+        log(report_text(data.val_labels, scores, threshold, f"validation split, ensemble of {len(plan)} models"))
+        return {"members": len(plan), "threshold": threshold, "val": metrics["threshold"],
                 "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(out), "checkpoint": str(ensemble)}
 
 

@@ -62,9 +62,12 @@ def _save(fig, path, palette: bool = False) -> Path:
 
 
 def _as_slice(image) -> np.ndarray:
-    """(H, W), (1, H, W) or (1, 1, H, W) -> float32 (H, W)."""
+    """(H, W), (1, H, W) or (1, 1, H, W) -> float32 (H, W); a multi-view input (V, H, W) -> its first
+    view (the whole slice, in whose frame Grad-CAM is drawn)."""
     image = np.asarray(mc.as_numpy(image), dtype=np.float32)
     while image.ndim > 2 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim == 3:
         image = image[0]
     if image.ndim != 2:
         raise CovidCTError(f"expected one grayscale slice (H, W), got shape {image.shape}")

@@ -68,8 +68,8 @@ def main(argv=None) -> int:
                              image_size=None if args.full else 112, epochs=args.epochs, batch_size=12,
                              optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="none",
                              warmup_epochs=0, class_weights="none", augment=augment, select="auc", patience=args.epochs,
-                             cache_dir=image_cache_dir(), progress=not args.no_progress,
-                             extra_data=(args.extra_data,) if round4 else ())
+                             cache_dir=image_cache_dir(), progress=not args.no_progress, lungs="none",
+                             extra_data=(args.extra_data,) if round4 else ())    # one model, whole slices
         summary = train(config, log=lambda *a: None if args.no_progress else print(*a))
         rows.append((name, augment, summary["val"], report))
 

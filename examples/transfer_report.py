@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     common = dict(data=args.data, seed=args.seed, cache_dir=image_cache_dir(),
                   progress=not args.no_progress)
     log = (lambda *a: None) if args.no_progress else print
-    by_val_auc = dict(select="auc")          # this report's figures: the best epoch by validation AUC
+    by_val_auc = dict(select="auc", lungs="none")   # this report's figures: one model, best epoch by val AUC
 
     def capped(options: dict) -> dict:
         return dict(options, epochs=min(options["epochs"], args.epochs)) if args.epochs else options

@@ -21,7 +21,7 @@ def tiny_data(tmp_path_factory):
 
 def tiny_config(data, out, **overrides):
     values = dict(data=str(data), out=str(out), model="tiny", epochs=3, batch_size=8, progress=False,
-                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache")
+                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache", lungs="none")
     values.update(overrides)
     return TrainConfig(**values)
 

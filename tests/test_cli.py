@@ -23,6 +23,7 @@ def trained(tmp_path_factory):
     data = write_dataset(root / "data", n=40, seed=1, size=32)
     run = root / "run"
     result = covidct("train", "--data", data, "--out", run, "--model", "tiny", "--epochs", "2", "--batch-size", "8",
+                     "--lungs", "none",
                      "--no-progress", "--cache-dir", root / "cache", "--target-sensitivity", "0.9")
     assert result.returncode == 0, result.stderr
     return data, run, result

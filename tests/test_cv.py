@@ -6,7 +6,7 @@ import pytest
 
 from covidct.checkpoint import load_checkpoint
 from covidct.cv import cross_validate, grouped_folds, slice_groups, source_group, youden_threshold
-from covidct.ensemble import Ensemble
+from covidct.ensemble import Ensemble, combine_probabilities
 from covidct.errors import CovidCTError
 from covidct.evaluate import predict_proba, softmax
 from covidct.synthetic import write_dataset
@@ -81,7 +81,7 @@ def test_cv_writes_out_of_fold_predictions_for_train_and_val_only(cv_run):
     assert fold_log.count("\n") == 3                       # header + 2 epochs: fixed epochs, last kept
 
 
-def test_the_fold_ensemble_averages_its_members(cv_run):
+def test_the_fold_ensemble_combines_its_members(cv_run):
     config, result, _ = cv_run
     from pathlib import Path
     run = Path(config.out)
@@ -95,7 +95,7 @@ def test_the_fold_ensemble_averages_its_members(cv_run):
     for fold in range(3):
         model, member = load_checkpoint(run / f"r0-fold{fold}" / "best.npz")
         alone.append(predict_proba(model, images, member["normalization"]["mean"], member["normalization"]["std"]))
-    assert np.allclose(together, np.mean(alone, axis=0), atol=1e-6)
+    assert np.allclose(together, combine_probabilities(alone), atol=1e-6)
     ensemble.tta = True                                      # flip TTA: mirror images average in
     mirrored = predict_proba(ensemble, images, 0.0, 1.0)
     flipped = predict_proba(ensemble, images[..., ::-1].copy(), 0.0, 1.0)
@@ -112,7 +112,7 @@ def test_cv_is_deterministic_per_seed(cv_run, tmp_path):
 
 
 def test_members_average_seeds_per_fold(cv_run, tmp_path):
-    """--members 2: each fold's held-out probability is the mean of two seeds' models, member 0 is the
+    """--members 2: each fold's held-out probability combines two seeds' models, member 0 is the
     single-model run, and the ensemble holds every fold's members."""
     import pandas as pd
     from dataclasses import replace
@@ -127,7 +127,7 @@ def test_members_average_seeds_per_fold(cv_run, tmp_path):
         second = pd.read_csv(tmp_path / "two" / f"r0-fold{fold}-m1" / "heldout.csv").set_index("file")["p_covid"]
         alone = pd.read_csv(tmp_path / "one" / f"r0-fold{fold}" / "heldout.csv").set_index("file")["p_covid"]
         assert np.allclose(first, alone) and not np.allclose(first, second)     # another seed, another model
-        assert np.allclose(oof.loc[first.index, "p_covid"], (first + second) / 2)
+        assert np.allclose(oof.loc[first.index, "p_covid"], combine_probabilities([first, second]))
     ensemble, _ = load_checkpoint(tmp_path / "two" / "ensemble.npz")
     assert len(ensemble.members) == 4 and pair["members"] == 2 and single["members"] == 1
     assert "2 seeds per fold" in (tmp_path / "two" / "cv.md").read_text()
@@ -201,6 +201,7 @@ def test_cv_resume_on_the_command_line(tmp_path):
                               text=True, timeout=300)
 
     first = covidct_cv("--data", data, "--out", run, "--model", "tiny", "--epochs", "1", "--batch-size", "8",
+                       "--lungs", "none",
                        "--folds", "2", "--no-progress", "--cache-dir", tmp_path / "cache")
     assert first.returncode == 0, first.stderr
     assert json.loads((run / "config.json").read_text())["cv"] == {"folds": 2, "repeats": 1, "tta": False}

@@ -98,7 +98,7 @@ def test_trainer_refuses_a_global_batch_that_the_ranks_cannot_share(tmp_path):
     class TwoRanks(SingleProcessCommunicator):
         size = 2
 
-    config = TrainConfig(data=str(tmp_path), batch_size=7, progress=False)
+    config = TrainConfig(data=str(tmp_path), batch_size=7, progress=False, lungs="none")
     with pytest.raises(CovidCTError, match="--batch-size 7 .* multiple of the number of ranks, 2"):
         Trainer(config, comm=TwoRanks())
 
@@ -161,7 +161,7 @@ def phantom(tmp_path_factory):
 def run_options(data, cache, epochs=2):
     """A small model without dropout (dropout masks depend on the batch split) and no augmentation."""
     return dict(data=str(data), model="default", image_size=32, epochs=epochs, batch_size=8,
-                augment="none", class_weights="none", cache_dir=str(cache), progress=False)
+                augment="none", class_weights="none", cache_dir=str(cache), progress=False, lungs="none")
 
 
 def test_two_rank_cli_run_matches_one_process_and_resumes(phantom, tmp_path):
@@ -170,6 +170,7 @@ def test_two_rank_cli_run_matches_one_process_and_resumes(phantom, tmp_path):
     train(TrainConfig(out=str(tmp_path / "single"), **run_options(data, cache)), log=lambda *a: None)
 
     options = ["--data", data, "--model", "default", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+               "--lungs", "none",
                "--augment", "none", "--class-weights", "none", "--cache-dir", cache, "--no-progress"]
     result = mpiexec(sys.executable, "-m", "covidct", "train", "--distributed", *options, "--out", tmp_path / "two")
     assert result.returncode == 0, result.stderr
@@ -195,7 +196,7 @@ def test_two_rank_cli_run_matches_one_process_and_resumes(phantom, tmp_path):
 def test_a_user_error_on_the_ranks_exits_with_one_line_each(phantom, tmp_path):
     data, cache = phantom
     result = mpiexec(sys.executable, "-m", "covidct", "train", "--distributed", "--data", data, "--model", "tiny",
-                     "--batch-size", "7", "--cache-dir", cache, "--no-progress", "--out", tmp_path / "r")
+                     "--lungs", "none", "--batch-size", "7", "--cache-dir", cache, "--no-progress", "--out", tmp_path / "r")
     assert result.returncode != 0
     assert "error: rank 0 of 2: --batch-size 7 (the global batch) must be a multiple of the number of ranks, 2" \
         in result.stderr or "error: rank 1 of 2: --batch-size 7" in result.stderr

@@ -11,7 +11,7 @@ from covidct.train import TrainConfig, TrainData, Trainer, train
 
 def config(data, out, **overrides):
     values = dict(data=str(data), out=str(out), model="tiny", epochs=2, batch_size=8, progress=False,
-                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache")
+                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache", lungs="none")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -36,7 +36,7 @@ def test_in_memory_data_of_the_wrong_shape_is_refused(tmp_path):
     images, labels = np.zeros((4, 1, 16, 16), np.float32), np.array([0, 1, 0, 1])
     with pytest.raises(CovidCTError, match=r"model 'tiny' takes 32x32"):
         Trainer(config("", tmp_path / "r"), data=TrainData(images, labels, images, labels))
-    with pytest.raises(CovidCTError, match="must be \\(N, 1, H, W\\)"):
+    with pytest.raises(CovidCTError, match="must be \\(N, C, H, W\\)"):
         TrainData(images[:, 0], labels, images, labels)
 
 

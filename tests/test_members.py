@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from covidct.checkpoint import load_checkpoint, read_checkpoint
-from covidct.ensemble import Ensemble
+from covidct.ensemble import Ensemble, combine_probabilities
 from covidct.errors import CovidCTError
 from covidct.synthetic import write_dataset
 from covidct.evaluate import predict_checkpoint
@@ -17,7 +17,7 @@ from covidct.train import TrainConfig, Trainer, member_seed, train
 
 def config(data, out, **overrides):
     values = dict(data=str(data), out=str(out), model="tiny", epochs=2, batch_size=8, progress=False,
-                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache", members=2)
+                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache", members=2, lungs="none")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -45,7 +45,7 @@ def test_members_are_single_runs_with_their_own_seeds(ensemble_run, tmp_path):
     assert sum("member " in line and "seed" in line for line in logs) == 2
 
 
-def test_the_ensemble_is_the_mean_of_its_members_on_val(ensemble_run):
+def test_the_ensemble_is_the_geometric_mean_of_its_members_on_val(ensemble_run):
     root, _, summary, _ = ensemble_run
     ensemble, meta = load_checkpoint(root / "run" / "ensemble.npz")
     assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
@@ -54,7 +54,8 @@ def test_the_ensemble_is_the_mean_of_its_members_on_val(ensemble_run):
     images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
     members = [predict_checkpoint(root / "run" / f"member{i}" / "best.npz", images) for i in range(2)]
     together = predict_checkpoint(root / "run" / "ensemble.npz", images)
-    assert np.allclose(together, np.mean(members, axis=0), atol=1e-6)
+    assert np.allclose(together, combine_probabilities(members), atol=1e-6)
+    assert meta["combine"] == "geometric"
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     assert metrics["threshold"]["total"] == len(predictions) and summary["members"] == 2
     assert json.loads((root / "run" / "config.json").read_text())["members"] == 2
@@ -94,9 +95,10 @@ def test_members_on_the_command_line(ensemble_run, tmp_path):
 
     run = tmp_path / "cli"
     done = covidct("train", "--data", data, "--out", run, "--model", "tiny", "--epochs", "1", "--batch-size", "8",
+                   "--lungs", "none",
                    "--members", "2", "--no-progress", "--cache-dir", tmp_path / "cache")
     assert done.returncode == 0, done.stderr
-    assert f"an ensemble of 2 seeds; checkpoint {run / 'ensemble.npz'}" in done.stdout
+    assert f"an ensemble of 2 models; checkpoint {run / 'ensemble.npz'}" in done.stdout
     evaluated = covidct("evaluate", "--checkpoint", run / "ensemble.npz", "--data", data, "--split", "test",
                         "--out", tmp_path / "eval", "--cache-dir", tmp_path / "cache")
     assert evaluated.returncode == 0 and "test split" in evaluated.stdout, evaluated.stderr
@@ -113,5 +115,5 @@ def test_members_refuse_distributed_training(tmp_path):
     class TwoRanks(SingleProcessCommunicator):
         size = 2
 
-    with pytest.raises(CovidCTError, match="--members 2 with --distributed"):
+    with pytest.raises(CovidCTError, match="--members 2 --lungs none --intensity none with --distributed"):
         train(config(tmp_path, tmp_path / "run"), comm=TwoRanks())

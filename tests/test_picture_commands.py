@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pictures")
     data = write_dataset(root / "data", n=40, seed=2, size=32)
     train(TrainConfig(data=str(data), out=str(root / "run"), model="tiny", epochs=1, batch_size=8, progress=False,
-                      augment="none", cache_dir=str(root / "cache")), log=lambda *a: None)
+                      augment="none", cache_dir=str(root / "cache"), lungs="none"), log=lambda *a: None)
     return data, root / "run"
 
 

@@ -48,7 +48,7 @@ def test_pretrained_checkpoint_fine_tunes_with_everything_but_the_last_layer(dat
     messages = []
     train(TrainConfig(data=str(data), out=str(tmp_path / "ft"), model="tiny", epochs=1, batch_size=8,
                       progress=False, augment="none", warmup_epochs=0, cache_dir=str(tmp_path / "ft-cache"),
-                      pretrained=str(path), freeze_backbone=True), log=messages.append)
+                      pretrained=str(path), freeze_backbone=True, lungs="none"), log=messages.append)
     assert any("freshly initialised: ['13.weight', '13.bias']" in str(m) for m in messages)
     fine_tuned, _, _ = read_checkpoint(tmp_path / "ft" / "last.npz")
     for key in ("0.weight", "3.weight"):                               # the frozen, pretrained convs

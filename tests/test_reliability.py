@@ -31,7 +31,7 @@ QUIET = dict(log=lambda *a: None)
 
 def tiny(data, out, **overrides):
     values = dict(data=str(data), out=str(out), model="tiny", epochs=1, batch_size=8, progress=False,
-                  augment="none", warmup_epochs=0, schedule="none", cache_dir=str(out) + "-cache")
+                  augment="none", warmup_epochs=0, schedule="none", cache_dir=str(out) + "-cache", lungs="none")
     values.update(overrides)
     return TrainConfig(**values)
 

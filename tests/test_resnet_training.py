@@ -17,7 +17,7 @@ def data(tmp_path_factory):
 
 def config(data, out, **overrides):
     values = dict(data=str(data), out=str(out), model="resnet18", image_size=32, epochs=1, batch_size=8,
-                  progress=False, augment="none", warmup_epochs=0, cache_dir=str(out) + "-cache")
+                  progress=False, augment="none", warmup_epochs=0, cache_dir=str(out) + "-cache", lungs="none")
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -38,7 +38,7 @@ def test_weighted_loader_draws_in_proportion_and_repeats_per_seed():
 
 def make_config(tmp_path, **overrides):
     values = dict(out=str(tmp_path / "run"), model="tiny", epochs=1, batch_size=4, progress=False,
-                  warmup_epochs=0, sampling="sources")
+                  warmup_epochs=0, sampling="sources", lungs="none")
     values.update(overrides)
     return TrainConfig(**values)
 

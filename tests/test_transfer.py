@@ -15,7 +15,7 @@ def data(tmp_path_factory):
 
 def config(data, out, **overrides):
     values = dict(data=str(data), out=str(out), model="tiny", epochs=2, batch_size=8, progress=False,
-                  augment="none", warmup_epochs=0, cache_dir=str(out) + "-cache")
+                  augment="none", warmup_epochs=0, cache_dir=str(out) + "-cache", lungs="none")
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("viz")
     data = write_dataset(root / "data", n=40, size=32)
     train(TrainConfig(data=str(data), model="tiny", epochs=1, batch_size=8, progress=False, out=str(root / "run"),
-                      cache_dir=str(root / "cache")), log=lambda *args: None)
+                      cache_dir=str(root / "cache"), lungs="none"), log=lambda *args: None)
     return data, root / "run" / "best.npz"
 
 

@@ -1,0 +1,172 @@
+"""Multi-view ensembles (--lungs none,crop): one model per lung view, one checkpoint whose input has one
+channel per view, the members' probabilities combined by their normalised geometric mean."""
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidct.checkpoint import load_checkpoint, read_checkpoint
+from covidct.cv import cross_validate
+from covidct.data import read_dataset
+from covidct.ensemble import Ensemble, build_ensemble, combine_probabilities
+from covidct.errors import CovidCTError, DataError
+from covidct.evaluate import predict_checkpoint, predict_proba
+from covidct.gradcam import gradcam
+from covidct.preprocess import Preprocess, load_image
+from covidct.synthetic import write_dataset
+from covidct.train import TrainConfig, train
+
+
+def config(data, out, **overrides):
+    values = dict(data=str(data), out=str(out), model="tiny", epochs=2, batch_size=8, progress=False,
+                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache", lungs="none,crop")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def views_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("views")
+    data = write_dataset(root / "data", n=24, seed=3, size=64)
+    logs = []
+    summary = train(config(data, root / "run"), log=logs.append)
+    return root, data, summary, logs
+
+
+def test_a_multi_view_preprocess_stacks_one_channel_per_view(tmp_path):
+    data = write_dataset(tmp_path / "data", n=6, seed=1, size=64)
+    path = read_dataset(data, "train").paths[0]
+    both = load_image(path, Preprocess(size=32, resize="stretch", lungs="none,crop"))
+    whole = load_image(path, Preprocess(size=32, resize="stretch", lungs="none"))
+    crop = load_image(path, Preprocess(size=32, resize="stretch", lungs="crop"))
+    assert both.shape == (2, 32, 32)
+    np.testing.assert_array_equal(both[0], whole[0])
+    np.testing.assert_array_equal(both[1], crop[0])
+    assert not np.array_equal(whole, crop)                   # the phantom's lungs were found and cut out
+    assert Preprocess(lungs="none,crop").views == (("none", "none"), ("crop", "none"))
+    four = load_image(path, Preprocess(size=32, resize="stretch", lungs="none,crop", intensity="none,equalize"))
+    crop_equalized = load_image(path, Preprocess(size=32, resize="stretch", lungs="crop", intensity="equalize"))
+    assert four.shape == (4, 32, 32)                          # lungs-major: whole, whole eq., crop, crop eq.
+    np.testing.assert_array_equal(four[[0, 2]], both)
+    np.testing.assert_array_equal(four[3], crop_equalized[0])
+    for bad in ("crop,crop", "none,lobes", ""):
+        with pytest.raises(DataError, match="lungs"):
+            Preprocess(lungs=bad)
+        with pytest.raises(CovidCTError, match="--lungs"):
+            TrainConfig(data="x", lungs=bad).validate()
+    with pytest.raises(CovidCTError, match="--intensity"):
+        TrainConfig(data="x", intensity="none,none").validate()
+
+
+def test_one_model_per_view_joined_into_one_checkpoint(views_run):
+    root, data, summary, logs = views_run
+    run = root / "run"
+    assert summary["members"] == 2 and summary["checkpoint"] == str(run / "ensemble.npz")
+    _, _, whole_meta = read_checkpoint(run / "member0-none" / "best.npz")
+    _, _, crop_meta = read_checkpoint(run / "member0-crop" / "best.npz")
+    assert whole_meta["preprocess"]["lungs"] == "none" and crop_meta["preprocess"]["lungs"] == "crop"
+    assert whole_meta["train_config"]["seed"] == crop_meta["train_config"]["seed"] == 0
+    ensemble, meta = load_checkpoint(run / "ensemble.npz")
+    assert isinstance(ensemble, Ensemble) and ensemble.views == [0, 1] and ensemble.combine == "geometric"
+    assert meta["preprocess"]["lungs"] == "none,crop"
+    paths = read_dataset(data, "test").paths
+    both = np.stack([load_image(p, Preprocess.from_dict(meta["preprocess"])) for p in paths])
+    together = predict_checkpoint(run / "ensemble.npz", both)
+    alone = [predict_checkpoint(run / "member0-none" / "best.npz", both[:, :1].copy()),
+             predict_checkpoint(run / "member0-crop" / "best.npz", both[:, 1:].copy())]
+    np.testing.assert_allclose(together, combine_probabilities(alone), atol=1e-6)
+    assert not np.allclose(together, np.mean(alone, axis=0), atol=1e-9)     # geometric, not arithmetic
+    assert sum("--lungs crop --intensity none" in line for line in logs) == 1
+
+
+def test_the_multi_view_ensemble_on_the_command_line(views_run, tmp_path):
+    root, data, _, _ = views_run
+    checkpoint = root / "run" / "ensemble.npz"
+
+    def covidct(*args):
+        return subprocess.run([sys.executable, "-m", "covidct", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    image = read_dataset(data, "test").paths[0]
+    predicted = covidct("predict", "--checkpoint", checkpoint, image, "--gradcam", tmp_path / "overlays")
+    assert predicted.returncode == 0 and "COVID" in predicted.stdout, predicted.stderr
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 1
+    evaluated = covidct("evaluate", "--checkpoint", checkpoint, "--data", data, "--split", "test",
+                        "--out", tmp_path / "eval", "--cache-dir", tmp_path / "cache")
+    assert evaluated.returncode == 0 and "test split" in evaluated.stdout, evaluated.stderr
+    pictures = covidct("viz", "gradcam", "--checkpoint", checkpoint, "--data", data, "--split", "test",
+                       "--out", tmp_path / "cam.png", "--cache-dir", tmp_path / "cache")
+    assert pictures.returncode == 0 and (tmp_path / "cam.png").is_file(), pictures.stderr
+    refused = covidct("train", "--data", data, "--lungs", "crop,crop", "--out", tmp_path / "bad")
+    assert refused.returncode != 0 and "--lungs must be one of" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_gradcam_of_a_multi_view_ensemble_is_that_of_its_whole_slice_members(views_run):
+    root, _, _, _ = views_run
+    ensemble, _ = load_checkpoint(root / "run" / "ensemble.npz")
+    whole, meta = load_checkpoint(root / "run" / "member0-none" / "best.npz")
+    x = np.random.default_rng(0).random((3, 2, 32, 32), dtype=np.float32)
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    expected = gradcam(whole, (x[:, :1] - np.float32(mean)) / np.float32(std), target_class=1)
+    np.testing.assert_allclose(gradcam(ensemble, x, target_class=1), expected, atol=1e-5)
+
+
+def test_onnx_export_of_a_multi_view_ensemble(views_run, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from covidct.cli import main
+    from covidct.evaluate import predict_logits
+    root, _, _, _ = views_run
+    out = tmp_path / "views.onnx"
+    assert main(["export", "--checkpoint", str(root / "run" / "ensemble.npz"), "--format", "onnx",
+                 "--out", str(out)]) == 0
+    ensemble, _ = load_checkpoint(root / "run" / "ensemble.npz")
+    x = np.random.default_rng(1).random((4, 2, 32, 32), dtype=np.float32)
+    for tta in (False, True):
+        ensemble.tta = tta
+        if tta:
+            from covidct.export import export_onnx
+            export_onnx(ensemble, load_checkpoint(root / "run" / "ensemble.npz")[1], out)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape[1] == 2
+        logits, probabilities = session.run(["logits", "probabilities"], {"image": x})
+        expected = predict_logits(ensemble, x, 0.0, 1.0)
+        np.testing.assert_allclose(logits, expected, atol=1e-5)
+        np.testing.assert_allclose(probabilities, np.exp(expected), atol=1e-6)
+
+
+def test_ensembles_saved_before_combine_rules_keep_the_arithmetic_mean(views_run):
+    root, _, _, _ = views_run
+    _, _, meta = read_checkpoint(root / "run" / "ensemble.npz")
+    old = {k: v for k, v in meta.items() if k != "combine"}
+    assert build_ensemble(old).combine == "mean"
+    p = np.array([[0.9, 0.2], [0.5, 0.4]])
+    np.testing.assert_allclose(combine_probabilities(p, "mean"), [0.7, 0.3])
+    odds = np.sqrt(0.9 / 0.1 * 0.5 / 0.5)                      # geometric: the mean log-odds
+    assert combine_probabilities(p)[0] == pytest.approx(odds / (1 + odds))
+    with pytest.raises(CovidCTError, match="view 5"):
+        build_ensemble({**meta, "members": [{**m, "view": 5} for m in meta["members"]]})
+    with pytest.raises(CovidCTError, match="combine rule"):
+        Ensemble([object()], [(0.0, 1.0)], combine="median")
+
+
+def test_cv_trains_every_view_per_fold_and_combines_them(tmp_path):
+    data = write_dataset(tmp_path / "data", n=24, seed=5, size=64)
+    cv_config = config(data, tmp_path / "cv", epochs=1)
+    logs = []
+    result = cross_validate(cv_config, folds=2, log=logs.append)
+    assert sum("held-out AUC" in line for line in logs) == 4 and any("x 2 views" in l for l in logs)
+    oof = pd.read_csv(tmp_path / "cv" / "oof.csv").set_index("file")
+    for fold in range(2):
+        whole = pd.read_csv(tmp_path / "cv" / f"r0-fold{fold}-none" / "heldout.csv").set_index("file")["p_covid"]
+        crop = pd.read_csv(tmp_path / "cv" / f"r0-fold{fold}-crop" / "heldout.csv").set_index("file")["p_covid"]
+        assert np.allclose(oof.loc[whole.index, "p_covid"], combine_probabilities([whole, crop.loc[whole.index]]))
+    ensemble, meta = load_checkpoint(tmp_path / "cv" / "ensemble.npz")
+    assert len(ensemble.members) == 4 and meta["preprocess"]["lungs"] == "none,crop"
+    assert "2 views (--lungs none,crop" in (tmp_path / "cv" / "cv.md").read_text() and result["members"] == 1
+    with pytest.raises(CovidCTError, match="--extra-mode pretrain"):
+        cross_validate(replace(cv_config, extra_data=(str(data),), extra_mode="pretrain"), folds=2)
