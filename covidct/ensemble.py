@@ -85,6 +85,9 @@ class Ensemble(mc.Module):
         """x (in [0, 1], identity-normalised) -> member ``index``'s channel, on its own normalisation."""
         if self.views is not None:
             view = self.views[index]
+            if x.ndim != 4 or x.shape[1] <= view:
+                raise CovidCTError(f"this ensemble reads one channel per view ({max(self.views) + 1} views, "
+                                   f"Preprocess lungs/intensity lists); got input of shape {tuple(x.shape)}")
             x = x[:, view:view + 1]                                          # (N, 1, H, W)
         mean, std = self.normalizations[index]
         return (x - np.float32(mean)) / np.float32(std)

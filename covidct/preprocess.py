@@ -73,6 +73,11 @@ def is_mode_list(value, modes) -> bool:
     return all(mode in modes for mode in listed) and len(set(listed)) == len(listed)
 
 
+def view_pairs(lungs: str, intensity: str) -> tuple[tuple[str, str], ...]:
+    """Every (lungs, intensity) view of two comma-joined mode lists, lungs-major."""
+    return tuple((lung_mode, intensity_mode) for lung_mode in lungs.split(",") for intensity_mode in intensity.split(","))
+
+
 def view_name(lungs: str, intensity: str) -> str:
     """A view's short name for run folders and logs: "crop", "none-equalize"."""
     return lungs if intensity == "none" else f"{lungs}-{intensity}"
@@ -130,7 +135,7 @@ class Preprocess:
     @property
     def views(self) -> tuple[tuple[str, str], ...]:
         """(lungs, intensity) of each input channel: (("none", "none"),) for a plain slice."""
-        return tuple((lungs, intensity) for lungs in self.lungs.split(",") for intensity in self.intensity.split(","))
+        return view_pairs(self.lungs, self.intensity)
 
     def view(self, index: int) -> "Preprocess":
         """The single-channel preprocessing of channel ``index``."""

@@ -49,7 +49,7 @@ from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
 from .preprocess import (INTENSITY_MODES, LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, is_mode_list,
-                         load_images, view_name)
+                         load_images, view_name, view_pairs)
 from .scan import CTWindow
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
@@ -105,12 +105,12 @@ class TrainConfig:
     lungs: str = option("none,crop", "cut every slice to its lung fields before resizing (crop), and also blank what "
                                 "lies outside the lung mask (mask); stored in the checkpoint (covidct/lungs.py). "
                                 "Several, joined by commas (none,crop): one model per view, saved as one "
-                                "multi-view ensemble", metavar="{none,crop,mask}")
+                                "multi-view ensemble", metavar="{none,crop,mask}[,...]")
     resize: str = option("stretch", "stretch: fill the square (the cross-validated best); pad: keep the aspect "
                                     "ratio on a black square", choices=RESIZE_MODES)
     intensity: str = option("none", "equalize: histogram-equalise every slice, so that figures with other "
                                     "windows and contrasts look alike; stored in the checkpoint. Both (none,equalize): "
-                                    "one model per view, as with --lungs", metavar="{none,equalize}")
+                                    "one model per view, as with --lungs", metavar="{none,equalize}[,...]")
     extra_data: tuple = option((), "another dataset whose images (all of them) are added to TRAINING only, never "
                                    "to validation or CV test folds; repeatable (e.g. ../shared/sars-cov-2-ct)",
                                metavar="PATH")
@@ -118,8 +118,8 @@ class TrainConfig:
                                     "--extra-epochs on the extra data alone, then fine-tune on --data",
                              choices=("mix", "pretrain"))
     extra_epochs: int = option(6, "epochs on the extra data with --extra-mode pretrain")
-    members: int = option(1, "train this many models that differ only in their seed and save them as one "
-                             "ensemble (ensemble.npz: the mean of their probabilities); in covidct cv, per fold",
+    members: int = option(1, "train this many models per view that differ only in their seed and save them as "
+                             "one ensemble (ensemble.npz: the mean of their log-odds); in covidct cv, per fold",
                           metavar="M")
 
     def __post_init__(self):
@@ -129,7 +129,7 @@ class TrainConfig:
     def views(self) -> tuple[tuple[str, str], ...]:
         """(lungs, intensity) of every view: --lungs x --intensity, lungs-major (Preprocess.views);
         one view for single modes, else one model per view."""
-        return tuple((lungs, intensity) for lungs in self.lungs.split(",") for intensity in self.intensity.split(","))
+        return view_pairs(self.lungs, self.intensity)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -513,11 +513,7 @@ def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData 
     """
     config.validate()                                   # a bad option leaves no run directory behind
     if config.members > 1 or len(config.views) > 1:
-        if comm is not None and comm.size > 1:
-            raise CovidCTError(f"--members {config.members} --lungs {config.lungs} --intensity {config.intensity} "
-                               f"with --distributed: train the members of an ensemble one run at a time (one seed "
-                               f"and one view, or leave out --distributed)")
-        return train_members(config, resume, log, data)
+        return train_members(config, resume, log, data, comm)
     with RunLock(config.out, log) if comm is None or comm.rank == 0 else contextlib.nullcontext():
         trainer = Trainer(config, data=data, log=log, comm=comm)
         if resume:
@@ -558,29 +554,36 @@ def ensemble_members(config: TrainConfig) -> list[tuple[int, TrainConfig, str, i
             for index, (lungs, intensity) in enumerate(config.views) for member in range(config.members)]
 
 
-def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None) -> dict:
-    """An ensemble: config.members runs that differ only in their seed, for every --lungs view, in
-    RUN/member<i>[-<view>]/, joined into RUN/ensemble.npz (their normalised geometric mean,
+def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None,
+                  comm=None) -> dict:
+    """An ensemble: config.members runs that differ only in their seed, for every view (--lungs x
+    --intensity), in RUN/member<i>[-<view>]/, joined into RUN/ensemble.npz (the mean of their log-odds,
     covidct.ensemble) with its threshold chosen on val like a single run's. The data is decoded once
-    for all members. On resume, finished members are kept and a stopped one continues from its last.npz."""
+    for all members. On resume, finished members are kept and a stopped one continues from its
+    last.npz. With ``comm`` (--distributed) every member is trained data-parallel by all ranks in
+    turn, and rank 0 writes the ensemble."""
     from .ensemble import combine_probabilities, save_ensemble
 
     out = Path(config.out)
-    with RunLock(out, log):
-        write_run_config(out, config)
+    root = comm is None or comm.rank == 0
+    if not root:                                        # rank 0 alone logs and writes
+        log = (lambda *args, **kwargs: None)
+    with RunLock(out, log) if root else contextlib.nullcontext():
+        if root:
+            write_run_config(out, config)
         if data is None:
             check_outputs(config)
             data = TrainData.from_config(config, preprocess_for(config, model_config_for(config)), skipped_dir=out,
                                          log=log)
         plan = ensemble_members(config)
-        checkpoints, scores = [], []
+        view_data = [data.view(index) for index in range(len(config.views))] if len(config.views) > 1 else [data]
+        checkpoints = []
         for number, (view_index, view_config, suffix, member) in enumerate(plan):
             member_config = replace(view_config, out=str(out / f"member{member}{suffix}"),
                                     seed=member_seed(config.seed, member))
-            view_data = data.view(view_index) if len(config.views) > 1 else data
             log(f"member {number + 1}/{len(plan)}: --lungs {member_config.lungs} --intensity "
                 f"{member_config.intensity}, seed {member_config.seed}, {member_config.out}")
-            trainer = Trainer(member_config, data=view_data, log=log)
+            trainer = Trainer(member_config, data=view_data[view_index], log=log, comm=comm)
             if resume and finished(trainer):
                 log(f"member {number + 1} had finished")
             else:
@@ -588,8 +591,10 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
                     trainer.resume()
                 trainer.fit()
             checkpoints.append(str(trainer.run_dir / "best.npz"))
-            scores.append(predict_checkpoint(checkpoints[-1], view_data.val_images, config.device))
-        scores = combine_probabilities(scores)
+        if not root:
+            return {"run_dir": str(out)}
+        scores = combine_probabilities([predict_checkpoint(path, view_data[view_index].val_images, config.device)
+                                        for path, (view_index, *_) in zip(checkpoints, plan)])
         threshold = choose_threshold(data.val_labels, scores, config.target_sensitivity)
         title = f"validation, ensemble of {len(plan)} models"
         metrics = write_evaluation(out, data.val_labels, scores, data.val_paths, threshold, title=title)

@@ -28,3 +28,13 @@ def write_checkpoint(path, name: str = "tiny", input_size: int | None = None, se
     metadata = dict(model_config=config.to_dict(), preprocess=Preprocess(size=config.input_size).to_dict(),
                     normalization={"mean": 0.4, "std": 0.25}, threshold=threshold, **meta)
     return save_checkpoint(path, model, metadata)
+
+
+def tiny_train_config(data, out, **overrides):
+    """A TrainConfig for quick runs of the tiny preset on a phantom dataset (2 epochs, batch 8, flips)."""
+    from covidct.train import TrainConfig
+
+    values = dict(data=str(data), out=str(out), model="tiny", epochs=2, batch_size=8, progress=False,
+                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache")
+    values.update(overrides)
+    return TrainConfig(**values)

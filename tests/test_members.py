@@ -9,17 +9,14 @@ import pytest
 
 from covidct.checkpoint import load_checkpoint, read_checkpoint
 from covidct.ensemble import Ensemble, combine_probabilities
-from covidct.errors import CovidCTError
 from covidct.synthetic import write_dataset
 from covidct.evaluate import predict_checkpoint
-from covidct.train import TrainConfig, Trainer, member_seed, train
+from covidct.train import Trainer, member_seed, train
+from conftest_models import tiny_train_config
 
 
 def config(data, out, **overrides):
-    values = dict(data=str(data), out=str(out), model="tiny", epochs=2, batch_size=8, progress=False,
-                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache", members=2, lungs="none")
-    values.update(overrides)
-    return TrainConfig(**values)
+    return tiny_train_config(data, out, **{**dict(members=2, lungs="none"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +104,3 @@ def test_members_on_the_command_line(ensemble_run, tmp_path):
         refused = covidct("train", *args)
         assert refused.returncode != 0 and message in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
-
-
-def test_members_refuse_distributed_training(tmp_path):
-    from minicnn.distributed import SingleProcessCommunicator
-
-    class TwoRanks(SingleProcessCommunicator):
-        size = 2
-
-    with pytest.raises(CovidCTError, match="--members 2 --lungs none --intensity none with --distributed"):
-        train(config(tmp_path, tmp_path / "run"), comm=TwoRanks())

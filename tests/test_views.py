@@ -13,18 +13,16 @@ from covidct.cv import cross_validate
 from covidct.data import read_dataset
 from covidct.ensemble import Ensemble, build_ensemble, combine_probabilities
 from covidct.errors import CovidCTError, DataError
-from covidct.evaluate import predict_checkpoint, predict_proba
+from covidct.evaluate import predict_checkpoint
 from covidct.gradcam import gradcam
 from covidct.preprocess import Preprocess, load_image
 from covidct.synthetic import write_dataset
 from covidct.train import TrainConfig, train
+from conftest_models import tiny_train_config
 
 
 def config(data, out, **overrides):
-    values = dict(data=str(data), out=str(out), model="tiny", epochs=2, batch_size=8, progress=False,
-                  augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache", lungs="none,crop")
-    values.update(overrides)
-    return TrainConfig(**values)
+    return tiny_train_config(data, out, **{**dict(lungs="none,crop"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +77,8 @@ def test_one_model_per_view_joined_into_one_checkpoint(views_run):
              predict_checkpoint(run / "member0-crop" / "best.npz", both[:, 1:].copy())]
     np.testing.assert_allclose(together, combine_probabilities(alone), atol=1e-6)
     assert not np.allclose(together, np.mean(alone, axis=0), atol=1e-9)     # geometric, not arithmetic
+    with pytest.raises(CovidCTError, match="one channel per view"):
+        predict_checkpoint(run / "ensemble.npz", both[:, :1].copy())          # one view is not enough
     assert sum("--lungs crop --intensity none" in line for line in logs) == 1
 
 
