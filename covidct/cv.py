@@ -45,6 +45,7 @@ import numpy as np
 
 from .errors import CovidCTError
 from .metrics import bootstrap_ci, classification_metrics, roc_auc, roc_curve, threshold_for_sensitivity
+from .preprocess import view_pairs
 from .sources import slice_groups, source_group  # noqa: F401  (source_group: public here too)
 
 __all__ = ["source_group", "grouped_folds", "youden_threshold", "cross_validate", "format_cv_table"]
@@ -219,7 +220,8 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     groups = slice_groups(paths, labels)
     log(f"cross-validation: {len(images)} slices from {len(set(groups))} sources "
         f"({int(labels.sum())} COVID), {folds} folds x {repeats} repeats"
-        + (f" x {members} seeds per fold" if members > 1 else "") + (f" x {len(config.views)} views" if multiview else "")
+        + (f" x {members} seeds per fold" if members > 1 else "")
+        + (f" x {len(config.views)} views" if multiview else "")
         + (f", + {len(extra[0])} extra training slices" if extra else ""))
 
     tasks = []
@@ -264,7 +266,8 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
         done[repeat, fold, number] = scores
         fold_auc = roc_auc(labels[fold_table[repeat] == fold], scores)
         _, _, suffix, member = plan[number]
-        model_note = (f" seed {member + 1}/{members}" if members > 1 else "") + (f" view {suffix[1:]}" if multiview else "")
+        model_note = ((f" seed {member + 1}/{members}" if members > 1 else "")
+                      + (f" view {suffix[1:]}" if multiview else ""))
         log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}{model_note}: held-out AUC {fold_auc:.3f} "
             f"({time.perf_counter() - started:.0f}s so far)")
     if jobs > 1 and todo:
@@ -323,7 +326,7 @@ def format_cv_table(result: dict) -> str:
     low, high = result["pooled_auc_ci95"]
     config = result.get("config", {})
     seeds = f" x {result['members']} seeds per fold" if result.get("members", 1) > 1 else ""
-    views = len(config.get("lungs", "none").split(",")) * len(config.get("intensity", "none").split(","))
+    views = len(view_pairs(config.get("lungs", "none"), config.get("intensity", "none")))
     seeds += f" x {views} views (--lungs {config['lungs']} --intensity {config['intensity']})" if views > 1 else ""
     lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats{seeds}, "
              f"{result.get('n_sources')} sources; threshold {result['threshold']:.3f} ({result['threshold_rule']})", "",

@@ -60,8 +60,10 @@ def combine_probabilities(p_covid, combine: str = "geometric") -> np.ndarray:
 
 
 class Ensemble(mc.Module):
-    """Mean probability of several models (inference only). Members are the attributes
-    member0, member1, ..., so state_dict names are ``member<i>.<name>``."""
+    """Several models as one (inference only): their probabilities combined by ``combine`` ("mean", or
+    "geometric": the normalised geometric mean), member i reading input channel ``views[i]`` when the
+    input holds several views. Members are the attributes member0, member1, ..., so state_dict names
+    are ``member<i>.<name>``."""
 
     def __init__(self, models, normalizations, tta: bool = False, views=None, combine: str = "mean"):
         if not models:

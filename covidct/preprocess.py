@@ -75,7 +75,8 @@ def is_mode_list(value, modes) -> bool:
 
 def view_pairs(lungs: str, intensity: str) -> tuple[tuple[str, str], ...]:
     """Every (lungs, intensity) view of two comma-joined mode lists, lungs-major."""
-    return tuple((lung_mode, intensity_mode) for lung_mode in lungs.split(",") for intensity_mode in intensity.split(","))
+    return tuple((lung_mode, intensity_mode)
+                 for lung_mode in lungs.split(",") for intensity_mode in intensity.split(","))
 
 
 def view_name(lungs: str, intensity: str) -> str:
