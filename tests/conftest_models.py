@@ -38,3 +38,14 @@ def tiny_train_config(data, out, **overrides):
                   augment="flip", warmup_epochs=0, cache_dir=str(out) + "-cache")
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def train_on_phantom(root, seed: int = 0, size: int = 32, **overrides):
+    """A phantom dataset (24 slices) in root/data and a tiny run on it in root/run -> (data, summary, logs)."""
+    from covidct.synthetic import write_dataset
+    from covidct.train import train
+
+    data = write_dataset(Path(root) / "data", n=24, seed=seed, size=size)
+    logs = []
+    summary = train(tiny_train_config(data, Path(root) / "run", **overrides), log=logs.append)
+    return data, summary, logs

@@ -9,10 +9,9 @@ import pytest
 
 from covidct.checkpoint import load_checkpoint, read_checkpoint
 from covidct.ensemble import Ensemble, combine_probabilities
-from covidct.synthetic import write_dataset
 from covidct.evaluate import predict_checkpoint
 from covidct.train import Trainer, member_seed, train
-from conftest_models import tiny_train_config
+from conftest_models import tiny_train_config, train_on_phantom
 
 
 def config(data, out, **overrides):
@@ -22,9 +21,7 @@ def config(data, out, **overrides):
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("members")
-    data = write_dataset(root / "data", n=24, seed=7, size=32)
-    logs = []
-    summary = train(config(data, root / "run"), log=logs.append)
+    data, summary, logs = train_on_phantom(root, seed=7, size=32, members=2, lungs="none")
     return root, data, summary, logs
 
 

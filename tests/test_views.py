@@ -17,8 +17,8 @@ from covidct.evaluate import predict_checkpoint
 from covidct.gradcam import gradcam
 from covidct.preprocess import Preprocess, load_image
 from covidct.synthetic import write_dataset
-from covidct.train import TrainConfig, train
-from conftest_models import tiny_train_config
+from covidct.train import TrainConfig
+from conftest_models import tiny_train_config, train_on_phantom
 
 
 def config(data, out, **overrides):
@@ -28,9 +28,7 @@ def config(data, out, **overrides):
 @pytest.fixture(scope="module")
 def views_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("views")
-    data = write_dataset(root / "data", n=24, seed=3, size=64)
-    logs = []
-    summary = train(config(data, root / "run"), log=logs.append)
+    data, summary, logs = train_on_phantom(root, seed=3, size=64, lungs="none,crop")
     return root, data, summary, logs
 
 
