@@ -102,10 +102,11 @@ class TrainConfig:
                                  metavar="N")
     backbone_lr_scale: float = option(1.0, "the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning)",
                                       metavar="S")
-    lungs: str = option("none,crop", "cut every slice to its lung fields before resizing (crop), and also blank what "
-                                "lies outside the lung mask (mask); stored in the checkpoint (covidct/lungs.py). "
-                                "Several, joined by commas (none,crop): one model per view, saved as one "
-                                "multi-view ensemble", metavar="{none,crop,mask}[,...]")
+    lungs: str = option("none,crop", "how a model sees each slice: none (whole), crop (cut to its lung fields "
+                                     "before resizing, covidct/lungs.py), mask (crop, and blank what lies outside "
+                                     "the lung mask); several joined by commas train one model per view, saved as "
+                                     "one ensemble (the default: whole + crop, chosen by cross-validation)",
+                        metavar="{none,crop,mask}[,...]")
     resize: str = option("stretch", "stretch: fill the square (the cross-validated best); pad: keep the aspect "
                                     "ratio on a black square", choices=RESIZE_MODES)
     intensity: str = option("none", "equalize: histogram-equalise every slice, so that figures with other "
