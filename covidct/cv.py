@@ -238,12 +238,12 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
                 train_paths = train_paths + list(extra[2])
             test_paths = [p for p, keep in zip(paths, test) if keep]
             data = TrainData(train_images, train_labels, images[test], labels[test], train_paths, test_paths)
+            view_data = [data.view(index) for index in range(len(config.views))]   # cut once per fold
             for number, (view_index, view_config, suffix, member) in enumerate(plan):  # 0: single-model names, seeds
                 name = f"r{repeat}-fold{fold}" + (f"-m{member}" if member else "") + suffix
                 seed = member_seed(config.seed + 1000 * repeat + fold, member)
                 tasks.append((repeat, fold, number, replace(view_config, out=str(out / name), seed=seed),
-                              data.view(view_index) if multiview else data,
-                              np.ascontiguousarray(images[test][:, view_index:view_index + 1])))
+                              view_data[view_index], view_data[view_index].val_images))
 
     started = time.perf_counter()
     oof = np.full((repeats, len(images)), np.nan)

@@ -302,7 +302,10 @@ class TrainData:
                 setattr(self, f"{name}_paths", [f"{name}[{i}]" for i in range(len(images))])
 
     def view(self, index: int) -> "TrainData":
-        """The same slices, only channel ``index`` (one lung view) of the images."""
+        """The same slices, only channel ``index`` (one view) of the images; itself when they have one."""
+        if self.train_images.shape[1] == 1 and index == 0:
+            return self
+
         def channel(images):
             return np.ascontiguousarray(images[:, index:index + 1])
         return TrainData(channel(self.train_images), self.train_labels, channel(self.val_images), self.val_labels,
@@ -577,7 +580,7 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
             data = TrainData.from_config(config, preprocess_for(config, model_config_for(config)), skipped_dir=out,
                                          log=log)
         plan = ensemble_members(config)
-        view_data = [data.view(index) for index in range(len(config.views))] if len(config.views) > 1 else [data]
+        view_data = [data.view(index) for index in range(len(config.views))]
         checkpoints = []
         for number, (view_index, view_config, suffix, member) in enumerate(plan):
             member_config = replace(view_config, out=str(out / f"member{member}{suffix}"),
