@@ -65,7 +65,8 @@ def run_config_from_args(config_class, args, out_prefix: str = ""):
         if not Path(config.data).exists():
             raise CovidCTError(f"--data {config.data}: no such file or directory")
         if args.out is None:
-            config.out = str(Path("runs") / f"{out_prefix}{config.model}-{Path(config.data).resolve().name}")
+            first_model = config.model.split(",")[0]
+            config.out = str(Path("runs") / f"{out_prefix}{first_model}-{Path(config.data).resolve().name}")
     config.cache_dir = image_cache_dir(config.cache_dir)
     return config
 

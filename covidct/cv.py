@@ -182,8 +182,8 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
                    resume: bool = False, log=print) -> dict:
     """k-fold CV of one TrainConfig over its train + val splits (protocol in the module docstring).
 
-    Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>[-m<M>][-<view>]/,
-    ensemble.npz. config.members (seeds) x config.views: models per fold; a fold's held-out
+    Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>[-m<M>][-<view>][-<model>]/,
+    ensemble.npz. config.members (seeds) x config.views x config.models (presets): models per fold; a fold's held-out
     probability is their combination (covidct.ensemble.combine_probabilities).
     resume: continue a stopped run in config.out (same config, folds, repeats and tta).
     Returns the cv.json dict.
@@ -222,6 +222,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
         f"({int(labels.sum())} COVID), {folds} folds x {repeats} repeats"
         + (f" x {members} seeds per fold" if members > 1 else "")
         + (f" x {len(config.views)} views" if multiview else "")
+        + (f" x {len(config.models)} models ({config.model})" if len(config.models) > 1 else "")
         + (f", + {len(extra[0])} extra training slices" if extra else ""))
 
     tasks = []
@@ -267,7 +268,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
         fold_auc = roc_auc(labels[fold_table[repeat] == fold], scores)
         _, _, suffix, member = plan[number]
         model_note = ((f" seed {member + 1}/{members}" if members > 1 else "")
-                      + (f" view {suffix[1:]}" if multiview else ""))
+                      + (f" model {suffix[1:]}" if suffix else ""))
         log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}{model_note}: held-out AUC {fold_auc:.3f} "
             f"({time.perf_counter() - started:.0f}s so far)")
     if jobs > 1 and todo:
@@ -328,6 +329,8 @@ def format_cv_table(result: dict) -> str:
     seeds = f" x {result['members']} seeds per fold" if result.get("members", 1) > 1 else ""
     views = len(view_pairs(config.get("lungs", "none"), config.get("intensity", "none")))
     seeds += f" x {views} views (--lungs {config['lungs']} --intensity {config['intensity']})" if views > 1 else ""
+    models = config.get("model", "default")
+    seeds += f" x {len(models.split(','))} models (--model {models})" if "," in models else ""
     lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats{seeds}, "
              f"{result.get('n_sources')} sources; threshold {result['threshold']:.3f} ({result['threshold_rule']})", "",
              "| metric | per fold (mean +/- sd) | pooled out-of-fold |", "|---|---|---|",

@@ -44,7 +44,7 @@ from .frozen import strategy_for
 from .loader import DataLoader
 from .loop import EpochLoop, learning_rate, run_ended, write_run_config  # noqa: F401  (learning_rate: public here too)
 from .metrics import classification_metrics
-from .model import ModelConfig, build_model, count_parameters, preset, split_backbone_head
+from .model import PRESETS, ModelConfig, build_model, count_parameters, preset, split_backbone_head
 from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
@@ -62,7 +62,10 @@ class TrainConfig:
     data: str = option("", "dataset: UCSD COVID-CT root, CSV manifest or class folders "
                            "(default: the generated synthetic phantom dataset)")
     out: str = option("runs/covidct", "run directory (default: runs/<model>-<data name>)")
-    model: str = option("default", "model preset: default, wide, seed (the 2020 CNNv3), deep, resnet18, tiny")
+    model: str = option("default,deep-small", "model preset: default, wide, seed (the 2020 CNNv3), deep, deep-small, "
+                                              "resnet18, tiny; several joined by commas train one model of each (per "
+                                              "view) and save them as one ensemble (the default: default and "
+                                              "deep-small, chosen by cross-validation)", metavar="PRESET[,...]")
     image_size: int | None = option(None, "input size (default: the preset's)")
     epochs: int = option(40, "number of epochs (with --resume: a larger number extends the run)")
     batch_size: int = option(32, "images per batch")
@@ -77,8 +80,8 @@ class TrainConfig:
     sampling: str = option("sources", "sources: draw slices with replacement so that every source (paper, case: "
                                       "covidct.sources) of a class weighs alike (the cross-validated best); "
                                       "shuffle: every training slice once per epoch", choices=SAMPLING_MODES)
-    augment: str = option("flip,rotate:10",
-                          "e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; 'none'")
+    augment: str = option("flip", "e.g. 'flip,rotate:15,translate:0.1,blur:1.0' or the report's codes '1,2,3,5'; "
+                                  "'none'. The default, mirror images only, was chosen by cross-validation")
     seed: int = option(0, "random seed (weights, order, augmentation)")
     device: str = option("cpu", "where to train", choices=DEVICES)
     select: str = option("last", "which epoch best.npz keeps: last (the epochs are the recipe's, chosen by covidct "
@@ -132,6 +135,16 @@ class TrainConfig:
         one view for single modes, else one model per view."""
         return view_pairs(self.lungs, self.intensity)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model presets of --model: one, or one model of each per view."""
+        return tuple(self.model.split(","))
+
+    @property
+    def is_ensemble(self) -> bool:
+        """Does this recipe train several models (--members, several views or presets)?"""
+        return self.members > 1 or len(self.views) > 1 or len(self.models) > 1
+
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
@@ -165,6 +178,17 @@ class TrainConfig:
             if not is_mode_list(value, modes):
                 raise CovidCTError(f"{flag} must be one of {', '.join(modes)}, or several different ones joined "
                                    f"by commas ({modes[0]},{modes[1]}), got {value!r}")
+        unknown = [name for name in self.models if name not in PRESETS]
+        if unknown or len(set(self.models)) < len(self.models):
+            raise CovidCTError(f"--model must be one of {', '.join(PRESETS)}, or several different ones joined by "
+                               f"commas (default,deep-small), got {self.model!r}")
+        sizes = {PRESETS[name].input_size for name in self.models}
+        if len(sizes) > 1 and not self.image_size:
+            raise CovidCTError(f"--model {self.model}: the presets take different input sizes "
+                               f"({', '.join(map(str, sorted(sizes)))} px); give one with --image-size")
+        if len(self.models) > 1 and (self.pretrained or self.extra_data and self.extra_mode == "pretrain"):
+            raise CovidCTError(f"--model {self.model}: starting weights (--pretrained, --extra-mode pretrain) fit "
+                               f"one model; use one preset")
         if len(self.views) > 1 and self.extra_data and self.extra_mode == "pretrain":
             raise CovidCTError(f"--lungs {self.lungs} --intensity {self.intensity} with --extra-mode pretrain: "
                                f"pretraining is done for one view; use one mode of each, or --extra-mode mix")
@@ -212,7 +236,9 @@ def make_optimizer(config: TrainConfig, params):
 
 
 def model_config_for(config: TrainConfig) -> ModelConfig:
-    model_config = preset(config.model)
+    """The model config of config's (first) preset, at --image-size: the input every preset of an
+    ensemble recipe shares (validate checks)."""
+    model_config = preset(config.models[0])
     if config.image_size:
         model_config.input_size = config.image_size
     model_config.feature_shape()  # fails early, with a sentence, if the size is too small
@@ -385,9 +411,10 @@ class Trainer(EpochLoop):
         if config.batch_size % self.comm.size:
             raise CovidCTError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of "
                                f"the number of ranks, {self.comm.size}")
-        if len(config.views) > 1:
-            raise CovidCTError(f"--lungs {config.lungs} --intensity {config.intensity}: a Trainer trains one model "
-                               f"on one view; covidct.train.train trains one per view")
+        if len(config.views) > 1 or len(config.models) > 1:
+            raise CovidCTError(f"--lungs {config.lungs} --intensity {config.intensity} --model {config.model}: a "
+                               f"Trainer trains one model on one view; covidct.train.train trains one per view "
+                               f"and preset")
         self.config, self.log = config, log
         self.run_dir = Path(config.out)
         self.model_config = model_config_for(config)
@@ -510,13 +537,14 @@ class Trainer(EpochLoop):
 
 def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None) -> dict:
     """Train (or resume) a run; returns the kept epoch's validation summary (on rank 0 of ``comm``).
-    With config.members > 1 or several views (--lungs, --intensity): an ensemble (``train_members``).
+    With config.members > 1, several views (--lungs, --intensity) or presets (--model): an ensemble
+    (``train_members``).
 
     The run directory is locked first (by rank 0 of a distributed run), so a second writer is refused
     before any work.
     """
     config.validate()                                   # a bad option leaves no run directory behind
-    if config.members > 1 or len(config.views) > 1:
+    if config.is_ensemble:
         return train_members(config, resume, log, data, comm)
     with RunLock(config.out, log) if comm is None or comm.rank == 0 else contextlib.nullcontext():
         trainer = Trainer(config, data=data, log=log, comm=comm)
@@ -549,13 +577,20 @@ def member_seed(seed: int, member: int) -> int:
 
 
 def ensemble_members(config: TrainConfig) -> list[tuple[int, TrainConfig, str, int]]:
-    """The single-model runs of an ensemble recipe, one per view and seed (--members), view-major:
-    [(view index, the view's config (one --lungs and --intensity mode, --members 1), run-name suffix
-    ("" for a single view, else "-crop", "-none-equalize", ...), seed number)]. Callers set out and seed."""
-    multiview = len(config.views) > 1
-    return [(index, replace(config, lungs=lungs, intensity=intensity, members=1),
-             f"-{view_name(lungs, intensity)}" if multiview else "", member)
-            for index, (lungs, intensity) in enumerate(config.views) for member in range(config.members)]
+    """The single-model runs of an ensemble recipe, one per view, preset (--model) and seed (--members),
+    view-major: [(view index, the member's config (one --lungs, --intensity and --model, --members 1),
+    run-name suffix ("" for one view and preset, else "-crop", "-none-equalize", "-crop-deep-small", ...),
+    seed number)]. Callers set out and seed."""
+    multiview, multimodel = len(config.views) > 1, len(config.models) > 1
+
+    def suffix(lungs, intensity, model):
+        names = ([view_name(lungs, intensity)] if multiview else []) + ([model] if multimodel else [])
+        return "".join(f"-{name}" for name in names)
+
+    return [(index, replace(config, lungs=lungs, intensity=intensity, model=model, members=1),
+             suffix(lungs, intensity, model), member)
+            for index, (lungs, intensity) in enumerate(config.views) for model in config.models
+            for member in range(config.members)]
 
 
 def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None,
@@ -585,8 +620,8 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
         for number, (view_index, view_config, suffix, member) in enumerate(plan):
             member_config = replace(view_config, out=str(out / f"member{member}{suffix}"),
                                     seed=member_seed(config.seed, member))
-            log(f"member {number + 1}/{len(plan)}: --lungs {member_config.lungs} --intensity "
-                f"{member_config.intensity}, seed {member_config.seed}, {member_config.out}")
+            log(f"member {number + 1}/{len(plan)}: --model {member_config.model} --lungs {member_config.lungs} "
+                f"--intensity {member_config.intensity}, seed {member_config.seed}, {member_config.out}")
             trainer = Trainer(member_config, data=view_data[view_index], log=log, comm=comm)
             if resume and finished(trainer):
                 log(f"member {number + 1} had finished")
