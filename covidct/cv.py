@@ -16,14 +16,15 @@ The protocol of one run: every fold trains on the other k-1 folds (+ any
 epoch (the held-out fold never picks an epoch or a threshold); its predictions on
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
 drawn R times (different seeds) and each slice's OOF probability is the mean over
-repeats (and, with --tta, over each slice and its mirror image). With --members M or
-several --lungs views V (recipe options, as in covidct train) every fold trains M x V
-models (seeds: weights, order, augmentation; views: whole slice, lung crop), and the
+repeats (and, with --tta, over each slice and its mirror image). With --members M,
+several --lungs views V or several --model presets P (recipe options, as in covidct train;
+the default: V = 2, P = 2) every fold trains M x V x P models (seeds: weights, order,
+augmentation; views: whole slice, lung crop; presets: default, deep-small), and the
 fold's held-out probability is their combination as the ensemble makes it (the
 normalised geometric mean, covidct.ensemble): the OOF figures then measure the
 ensemble the way it would be used. The decision threshold is chosen once on all OOF
 predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
-reported per fold as mean +/- sd. The k x M x V fold models of the first repeat are
+reported per fold as mean +/- sd. The k x M x V x P fold models of the first repeat are
 saved as one ensemble checkpoint that evaluate and predict take like any other.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan

@@ -11,7 +11,9 @@ A run directory holds everything a run produces:
 
 With ``--members M`` the run directory holds member0/ ... member<M-1>/ (each a run as above,
 seeds ``member_seed(seed, i)``), ensemble.npz (the members as one checkpoint, threshold chosen
-on val) and the ensemble's metrics.json, predictions.csv, roc.png, confusion.png.
+on val) and the ensemble's metrics.json, predictions.csv, roc.png, confusion.png. Several views
+(--lungs, --intensity) or presets (--model), as in the default recipe, add to the member names:
+member0-none-default/, member0-crop-deep-small/, ... (``ensemble_members``).
 
 ``--resume RUN_DIR`` continues from last.npz; Ctrl-C or ``kill -9`` lose at most
 the epoch in progress. A NaN/inf loss stops the run with a clear message and
@@ -596,11 +598,11 @@ def ensemble_members(config: TrainConfig) -> list[tuple[int, TrainConfig, str, i
 def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None,
                   comm=None) -> dict:
     """An ensemble: config.members runs that differ only in their seed, for every view (--lungs x
-    --intensity), in RUN/member<i>[-<view>]/, joined into RUN/ensemble.npz (the mean of their log-odds,
-    covidct.ensemble) with its threshold chosen on val like a single run's. The data is decoded once
-    for all members. On resume, finished members are kept and a stopped one continues from its
-    last.npz. With ``comm`` (--distributed) every member is trained data-parallel by all ranks in
-    turn, and rank 0 writes the ensemble."""
+    --intensity) and preset (--model), in RUN/member<i>[-<view>][-<preset>]/ (``ensemble_members``),
+    joined into RUN/ensemble.npz (the mean of their log-odds, covidct.ensemble) with its threshold
+    chosen on val like a single run's. The data is decoded once for all members. On resume, finished
+    members are kept and a stopped one continues from its last.npz. With ``comm`` (--distributed)
+    every member is trained data-parallel by all ranks in turn, and rank 0 writes the ensemble."""
     from .ensemble import combine_probabilities, save_ensemble
 
     out = Path(config.out)

@@ -11,8 +11,8 @@ lands in the run directory (default runs/example-<data>).
 
 On real data it trains covidct train's default recipe: four models, the `default` and the
 `deep-small` preset, each on the whole slice and on its lung crop, joined as one checkpoint
-(ensemble.npz; about 4 min on 2 cores for COVID-CT). Without a test split (like ../shared/covid-ct) the evaluation is the
-validation split's, and it is labelled as such.
+(ensemble.npz; about 4 min on 2 cores for COVID-CT). Without a test split (like
+../shared/covid-ct) the evaluation is the validation split's, and it is labelled as such.
 """
 import argparse
 import sys
