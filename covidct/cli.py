@@ -294,6 +294,7 @@ def run_describe(args) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
+CHECKPOINT = "runs/default-covid-ct/ensemble.npz"   # what `covidct train --data ../shared/covid-ct` writes
 EXAMPLES = {
     "train": "examples:\n  covidct train                                   # synthetic phantom data\n"
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
@@ -305,22 +306,27 @@ EXAMPLES = {
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
                 "--out runs/ssl-default\n"
                 "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",
-    "evaluate": "example:\n  covidct evaluate --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val",
-    "predict": "examples:\n  covidct predict --checkpoint runs/default-covid-ct/best.npz scans/ slice1.png --output preds.csv\n"
-               "  covidct predict --checkpoint runs/default-covid-ct/best.npz scan.nii.gz --output slices.csv\n"
-               "  covidct predict --checkpoint runs/default-covid-ct/best.npz dicom_series_dir/ --window 1500,-600",
-    "export": "examples:\n  covidct export --checkpoint runs/default-covid-ct/best.npz --format onnx --out covidct.onnx\n"
-              "  covidct export --checkpoint runs/default-covid-ct/best.npz --format safetensors --out covidct.safetensors",
-    "serve": "example:\n  covidct serve --checkpoint runs/default-covid-ct/best.npz --port 8000   # then open http://127.0.0.1:8000",
+    "evaluate": "example:\n"
+                f"  covidct evaluate --checkpoint {CHECKPOINT} --data ../shared/covid-ct --split val",
+    "predict": "examples:\n"
+               f"  covidct predict --checkpoint {CHECKPOINT} scans/ slice1.png --output preds.csv\n"
+               f"  covidct predict --checkpoint {CHECKPOINT} scan.nii.gz --output slices.csv\n"
+               f"  covidct predict --checkpoint {CHECKPOINT} dicom_series_dir/ --window 1500,-600",
+    "export": "examples:\n"
+              f"  covidct export --checkpoint {CHECKPOINT} --format onnx --out covidct.onnx\n"
+              f"  covidct export --checkpoint {CHECKPOINT} --format safetensors --out covidct.safetensors",
+    "serve": "example:\n"
+             f"  covidct serve --checkpoint {CHECKPOINT} --port 8000   # then open http://127.0.0.1:8000",
     "synth": "example:\n  covidct synth --out data/phantom --n 600 --seed 1",
     "describe": "example:\n  covidct describe ../shared/covid-ct",
-    "viz": "examples:\n  covidct viz filters --checkpoint runs/default-covid-ct/best.npz --out filters.png\n"
-           "  covidct viz features --checkpoint runs/default-covid-ct/best.npz --image slice.png --out features.png\n"
+    "viz": "examples:\n"
+           f"  covidct viz filters --checkpoint {CHECKPOINT} --out filters.png\n"
+           f"  covidct viz features --checkpoint {CHECKPOINT} --image slice.png --out features.png\n"
            "  covidct viz kernels --image slice.png --out kernels.png\n"
-           "  covidct viz gradcam --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
+           f"  covidct viz gradcam --checkpoint {CHECKPOINT} --data ../shared/covid-ct --split val "
            "--out gradcam.png --n 16\n"
            "  covidct viz lungs --data ../shared/covid-ct --out lungs.png --n 24\n"
-           "  covidct viz shortcut --checkpoint runs/default-covid-ct/best.npz --data ../shared/covid-ct --split val "
+           f"  covidct viz shortcut --checkpoint {CHECKPOINT} --data ../shared/covid-ct --split val "
            "--out shortcut/",
 }
 

@@ -1,6 +1,6 @@
 """Make the pictures of docs/visualize.md from a trained checkpoint.
 
-    python examples/explain.py --checkpoint runs/default-covid-ct/best.npz [--data ../shared/covid-ct] [--split val]
+    python examples/explain.py --checkpoint runs/default-covid-ct/ensemble.npz [--data ../shared/covid-ct] [--split val]
 
 Writes, in --out (default docs/images/):
     gradcam_grid.png   Grad-CAM (COVID logit) on correct and wrong predictions of the split

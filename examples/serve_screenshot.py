@@ -1,6 +1,6 @@
 """Screenshot of the ``covidct serve`` page after one upload, taken in headless Chromium (Selenium).
 
-    python examples/serve_screenshot.py --checkpoint runs/default-covid-ct/best.npz \
+    python examples/serve_screenshot.py --checkpoint runs/default-covid-ct/ensemble.npz \
         --image slice.png --out docs/images/serve.png
 
 Needs ``pip install -e ".[web]" selenium`` and Chromium with its driver
