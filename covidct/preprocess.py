@@ -59,7 +59,7 @@ __all__ = [
 
 RESIZE_MODES = ("pad", "stretch")
 LUNG_MODES = ("none", "crop", "mask")
-INTENSITY_MODES = ("none", "equalize")
+INTENSITY_MODES = ("none", "equalize", "window")
 CACHE_VERSION = 2                      # bump when the decoding rule changes
 MEMORY_CACHE_BYTES = 1 << 30           # at most 1 GiB of decoded images kept in memory
 RGB_WEIGHTS = (0.299, 0.587, 0.114)    # ITU-R BT.601 luma, as PIL's "L" conversion
@@ -105,6 +105,11 @@ class Preprocess:
                       the resize; see equalize): every slice then uses the whole gray
                       range evenly, whatever window, contrast and gamma the figure it
                       came from had.
+            "window"  a display-window calibration of each slice on two of its own tissues
+                      (before the lung cut; see window_calibrate): the lungs' median gray
+                      becomes LUNG_GRAY, the soft tissue's SOFT_TISSUE_GRAY, linearly, so
+                      figures shown with other windows and levels look alike while the
+                      density order (and a lesion's place between lung and tissue) stays.
     Several views: lungs and intensity may each list several modes joined by commas;
     every combination is one view, lungs-major ("none,crop" x "none,equalize": whole,
     whole equalised, crop, crop equalised), and the output has one channel per view:
@@ -159,7 +164,7 @@ class Preprocess:
         settings = {"v": CACHE_VERSION, **self.to_dict()}
         if self.intensity == "none":
             del settings["intensity"]          # keeps the cache keys of earlier versions
-        if self.lungs != "none":
+        if self.lungs != "none" or "window" in self.intensity:
             from .lungs import LUNGS_VERSION
             settings["lungs_v"] = LUNGS_VERSION
         text = json.dumps(settings, sort_keys=True)
@@ -322,11 +327,44 @@ def prepare_gray(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[i
         outputs = [prepare_gray(gray, pre.view(index)) for index in range(len(pre.views))]
         return (np.concatenate([image for image, _, _ in outputs]), outputs[0][1],
                 all(found for _, _, found in outputs))
-    gray, lungs_found = _cut_to_lungs(np.asarray(gray, np.float32), pre)
+    gray = np.asarray(gray, np.float32)
+    if pre.intensity == "window":                # on the whole slice: it needs the lungs and the body
+        gray = window_calibrate(gray)
+    gray, lungs_found = _cut_to_lungs(gray, pre)
     if pre.intensity == "equalize":
         gray = equalize(gray)
     image_out, content_hw = _resize(gray, pre)
     return image_out[None], content_hw, lungs_found
+
+
+LUNG_GRAY, SOFT_TISSUE_GRAY = 0.15, 0.6    # where window_calibrate puts the two tissues' medians
+
+
+def window_calibrate(gray: np.ndarray) -> np.ndarray:
+    """Map a (h, w) slice in [0, 1] linearly so that its lungs' median gray becomes LUNG_GRAY and its
+    soft tissue's median SOFT_TISSUE_GRAY, clipped to [0, 1]:
+
+        out = LUNG_GRAY + (SOFT_TISSUE_GRAY - LUNG_GRAY) * (gray - lung) / (tissue - lung)
+
+    lung: median inside the lung mask (covidct.lungs.find_lungs); tissue: median of the pixels
+    brighter than the slice's Otsu threshold outside that mask (muscle, fat, mediastinum, and a
+    little bone). Why: COVID-CT's slices are paper figures shown with many windows; a CT scanner's
+    Hounsfield scale would put both tissues at fixed values, and this puts them at fixed grays.
+    A slice without a plausible lung mask, without tissue, or whose two medians are within 0.05 of
+    each other (a saturated window) is returned unchanged."""
+    from .lungs import find_lungs, otsu_threshold
+
+    lungs = find_lungs(gray)
+    if not lungs.found:
+        return gray
+    tissue = gray[(gray > otsu_threshold(gray)) & ~lungs.mask]
+    if tissue.size < 50:
+        return gray
+    lung_gray, tissue_gray = float(np.median(gray[lungs.mask])), float(np.median(tissue))
+    if tissue_gray - lung_gray < 0.05:
+        return gray
+    scale = (SOFT_TISSUE_GRAY - LUNG_GRAY) / (tissue_gray - lung_gray)
+    return np.clip(LUNG_GRAY + scale * (gray - lung_gray), 0.0, 1.0).astype(np.float32)
 
 
 def equalize(gray: np.ndarray, levels: int = 256) -> np.ndarray:

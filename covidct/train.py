@@ -115,8 +115,10 @@ class TrainConfig:
     resize: str = option("stretch", "stretch: fill the square (the cross-validated best); pad: keep the aspect "
                                     "ratio on a black square", choices=RESIZE_MODES)
     intensity: str = option("none", "equalize: histogram-equalise every slice, so that figures with other "
-                                    "windows and contrasts look alike; stored in the checkpoint. Both (none,equalize): "
-                                    "one model per view, as with --lungs", metavar="{none,equalize}[,...]")
+                                    "windows and contrasts look alike; window: calibrate every slice's gray scale on "
+                                    "its lungs and soft tissue (covidct.preprocess.window_calibrate); stored in the "
+                                    "checkpoint. Several (none,equalize): one model per view, as with --lungs",
+                            metavar="{none,equalize,window}[,...]")
     extra_data: tuple = option((), "another dataset whose images (all of them) are added to TRAINING only, never "
                                    "to validation or CV test folds; repeatable (e.g. ../shared/sars-cov-2-ct)",
                                metavar="PATH")

@@ -260,6 +260,24 @@ def test_equalize_spreads_gray_levels_in_order_and_ignores_window_and_gamma():
     assert np.array_equal(equalize(blank), blank)                              # nothing to spread
 
 
+def test_window_calibrate_puts_lungs_and_soft_tissue_at_fixed_grays_whatever_the_window():
+    from covidct.lungs import find_lungs
+    from covidct.preprocess import LUNG_GRAY, SOFT_TISSUE_GRAY, window_calibrate
+    from covidct.synthetic import make_slice
+    gray = make_slice(1, np.random.default_rng(3), size=128).astype(np.float32)
+    calibrated = window_calibrate(gray)
+    lungs = find_lungs(gray)
+    assert lungs.found and calibrated.dtype == np.float32 and calibrated.shape == gray.shape
+    assert np.median(calibrated[lungs.mask]) == pytest.approx(LUNG_GRAY, abs=1e-3)
+    assert SOFT_TISSUE_GRAY > LUNG_GRAY and 0 <= calibrated.min() and calibrated.max() <= 1
+    # the same slice shown with another (linear, unsaturated) window and level: the same calibrated slice
+    np.testing.assert_allclose(window_calibrate(0.25 + 0.5 * gray), calibrated, atol=0.02)
+    order = np.argsort(gray.ravel(), kind="stable")
+    assert np.all(np.diff(calibrated.ravel()[order]) >= 0)                     # density order kept
+    blank = np.full((64, 64), 0.3, np.float32)
+    assert window_calibrate(blank) is blank                                    # no lungs: unchanged
+
+
 def test_preprocess_equalize_is_stored_and_changes_the_cache_key(tmp_path):
     from covidct.model import preset
     from covidct.train import TrainConfig, preprocess_for
@@ -272,3 +290,7 @@ def test_preprocess_equalize_is_stored_and_changes_the_cache_key(tmp_path):
     assert image.max() == pytest.approx(1.0) and image.shape == (1, 32, 32)
     with pytest.raises(DataError, match="intensity"):
         Preprocess(intensity="clahe")
+    window = Preprocess(size=32, intensity="window")
+    assert window.key() not in (pre.key(), Preprocess(size=32).key())
+    assert load_image(path, window).shape == (1, 32, 32)                     # no lungs here: the slice as is
+    TrainConfig(data="x", intensity="none,window").validate()                 # a view of its own too
