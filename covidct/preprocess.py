@@ -164,7 +164,7 @@ class Preprocess:
         settings = {"v": CACHE_VERSION, **self.to_dict()}
         if self.intensity == "none":
             del settings["intensity"]          # keeps the cache keys of earlier versions
-        if self.lungs != "none" or "window" in self.intensity:
+        if any(lungs != "none" or intensity == "window" for lungs, intensity in self.views):   # uses the mask
             from .lungs import LUNGS_VERSION
             settings["lungs_v"] = LUNGS_VERSION
         text = json.dumps(settings, sort_keys=True)

@@ -28,7 +28,7 @@ from covidct.train import TrainConfig, train  # noqa: E402
 
 # The phantom's recipe: one `default` model on the whole slice, with flips and rotations, and a higher
 # learning rate (the real-data default, four models: two presets x whole slice and lung crop, flips only,
-# was chosen by cross-validation on real slices and takes about five times as long).
+# was chosen by cross-validation on real slices and takes about four times as long).
 SYNTHETIC_RECIPE = dict(epochs=40, lr=3e-3, lungs="none", model="default", augment="flip,rotate:10")
 
 
