@@ -103,6 +103,7 @@ def minicnn_runner(layer, x, grad, labels, device: str):
 def torch_runner(layer, x, grad, labels, device: str):
     import torch
     import torch.nn.functional as F
+    torch.backends.cudnn.allow_tf32 = False          # float32 like minicnn (cuDNN's default is TF32)
     x_t = torch.from_numpy(x).to(device)
     labels_t = torch.from_numpy(labels).to(device)
     needs_input_grad = getattr(layer, "needs_input_grad", True)

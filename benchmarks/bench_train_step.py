@@ -166,6 +166,9 @@ def run_case(spec: dict) -> dict:
             net = net.to(memory_format=torch.channels_last)
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         if device == "cuda":
+            # float32 against float32: PyTorch's cuDNN convolutions use TF32 tensor cores by default
+            # (10-bit mantissa), minicnn-CuPy's cuBLAS products full float32; --tf32 allows it.
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(spec.get("tf32"))
             sync, memory = torch.cuda.synchronize, lambda: common.GpuPeakMemory("torch")
             result["device"] = torch.cuda.get_device_name(0)
         else:
@@ -317,7 +320,9 @@ def print_report(machine: dict, args, rows: list[dict], results: list[dict], ski
     print(f"- repeats: {args.repeats} timed after {args.warmup} warm-up (+1 untimed memory step); "
           f"SGD lr={LR} momentum={MOMENTUM}; threads: {args.threads or 'library defaults'}; "
           f"processes: one per {args.isolate if args.isolate != 'none' else 'run (all in one)'}"
-          + (f"; {args.rounds} rounds, the backends taking turns, times pooled" if args.rounds > 1 else ""))
+          + (f"; {args.rounds} rounds, the backends taking turns, times pooled" if args.rounds > 1 else "")
+          + f"; PyTorch CUDA TF32 {'allowed' if args.tf32 else 'off (float32 like minicnn)'}"
+          + f"; MINICNN_CUDA_KERNELS={os.environ.get('MINICNN_CUDA_KERNELS', '(unset)')}")
     for backend, why in skipped.items():
         print(f"- skipped {backend}: {why}")
     print()
@@ -376,6 +381,9 @@ def main(argv=None) -> int:
                         help="run every case this many times, the backends taking turns (all cases once, then "
                              "again, ...); a case's times are pooled over its rounds, so load that comes and "
                              "goes on a shared machine falls on both libraries alike (default 1)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let PyTorch CUDA use TF32 tensor cores (its default for convolutions); without it "
+                             "both libraries compute in float32")
     parser.add_argument("--json", metavar="FILE", help="also write the machine, settings and rows as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -399,7 +407,7 @@ def main(argv=None) -> int:
     backends, skipped = common.usable_backends(keys)
 
     specs = [{"model": model, "batch": batch, "backend": backend, "repeats": args.repeats,
-              "warmup": args.warmup, "threads": args.threads}
+              "warmup": args.warmup, "threads": args.threads, "tf32": args.tf32}
              for model in models for batch in batches[model] for backend in backends]
     if args.isolate == "case":
         groups = [[spec] for spec in specs]
@@ -439,7 +447,8 @@ def main(argv=None) -> int:
             "benchmark": "train_step", "machine": machine,
             "settings": {"models": models, "batches": batches, "backends": backends, "repeats": args.repeats,
                          "warmup": args.warmup, "threads": args.threads, "quick": args.quick, "rounds": args.rounds,
-                         "isolate": args.isolate, "lr": LR, "momentum": MOMENTUM},
+                         "isolate": args.isolate, "lr": LR, "momentum": MOMENTUM, "tf32": args.tf32,
+                         "minicnn_cuda_kernels": os.environ.get("MINICNN_CUDA_KERNELS")},
             "skipped": skipped, "rows": rows,
             "errors": [r for r in results if "error" in r]})
     failed = any("error" in r for r in results) or any(r["over_memory_limit"] for r in rows)

@@ -16,13 +16,15 @@ needs), so no atomics are needed and sums run in the readable code's order:
             backward is the col2im gather with grad_out where argmax == the offset
 * SGD (momentum, Nesterov, weight decay) and Adam/AdamW: one pass per parameter.
 
-They are used only for CuPy arrays and only when ``MINICNN_CUDA_KERNELS=1``
-(``enabled()``), until tests/test_cuda_kernels.py (which compares each with the
-readable path and skips without a GPU) has passed on a GPU: they were written on a
-machine without one. im2col, col2im and max-pool give the readable code's numbers
-(copies, and sums in the same order); the optimizer updates may differ in the last
-bit, as the CUDA compiler contracts a * b + c into one fused multiply-add. CuPy is
-imported inside the functions, so this module imports without it.
+They are used for CuPy arrays unless ``MINICNN_CUDA_KERNELS=0`` (``enabled()``;
+set it to read or step through the readable path on the GPU). tests/test_cuda_kernels.py
+compares each with the readable path (it skips without a GPU; it passed on an H200,
+benchmarks/RESULTS.md). All give the readable code's numbers: im2col, col2im and
+max-pool are copies and sums in the same order, and the optimizer updates do the
+readable code's operations in its order, compiled with ``--fmad=false`` so that the
+compiler does not contract a * b + c into one fused multiply-add (one rounding
+instead of two). CuPy is imported inside the functions, so this module imports
+without it.
 """
 from __future__ import annotations
 
@@ -33,14 +35,16 @@ from .backend import is_gpu_array
 
 
 def enabled(*arrays) -> bool:
-    """True when every array is a CuPy array and MINICNN_CUDA_KERNELS=1."""
-    return all(is_gpu_array(a) for a in arrays) and os.environ.get("MINICNN_CUDA_KERNELS", "0") == "1"
+    """True when every array is a CuPy array, unless MINICNN_CUDA_KERNELS=0."""
+    return all(is_gpu_array(a) for a in arrays) and os.environ.get("MINICNN_CUDA_KERNELS", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str):
     import cupy
-    return cupy.ElementwiseKernel(*_SOURCES[name], name=f"minicnn_{name}")
+    # --fmad=false: no fused multiply-add, so every product and sum is rounded on its own, as in the
+    # readable code's one-operation-per-launch kernels, and the two paths give the same bits.
+    return cupy.ElementwiseKernel(*_SOURCES[name], name=f"minicnn_{name}", options=("--fmad=false",))
 
 
 _SOURCES = {
@@ -134,14 +138,15 @@ _SOURCES = {
         """),
     # decay = 1 - lr * weight_decay for AdamW (1 for Adam); l2 = weight_decay for Adam (0 for AdamW).
     "adam": (
-        "T grad, T step_size, T beta1, T beta2, T eps, T l2, T decay, T bias2_sqrt",
+        "T grad, T step_size, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, T eps, T l2, T decay, "
+        "T bias2_sqrt",
         "T param, T exp_avg, T exp_avg_sq",
         """
         param *= decay;
         T g = grad;
         if (l2 != 0) g = g + l2 * param;
-        exp_avg = beta1 * exp_avg + (1 - beta1) * g;
-        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g;
+        exp_avg = beta1 * exp_avg + one_minus_beta1 * g;
+        exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g;
         param -= step_size * exp_avg / (sqrt(exp_avg_sq) / bias2_sqrt + eps);
         """),
 }
@@ -205,5 +210,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
     dtype = param.dtype.type
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
     l2 = 0.0 if decoupled else weight_decay
-    _kernel("adam")(grad, dtype(lr / (1.0 - beta1 ** step)), dtype(beta1), dtype(beta2), dtype(eps), dtype(l2),
-                    dtype(decay), dtype(math.sqrt(1.0 - beta2 ** step)), param, exp_avg, exp_avg_sq)
+    # 1 - beta is computed in double, as the readable code's Python floats are (1 - 0.9 rounds
+    # differently in float32).
+    _kernel("adam")(grad, dtype(lr / (1.0 - beta1 ** step)), dtype(beta1), dtype(1.0 - beta1), dtype(beta2),
+                    dtype(1.0 - beta2), dtype(eps), dtype(l2), dtype(decay), dtype(math.sqrt(1.0 - beta2 ** step)),
+                    param, exp_avg, exp_avg_sq)

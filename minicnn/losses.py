@@ -1,7 +1,7 @@
 """Loss functions: SoftmaxCrossEntropy (classification), NTXentLoss (contrastive pretraining)."""
 from __future__ import annotations
 
-from .backend import as_numpy, get_array_module
+from .backend import as_numpy, get_array_module, is_gpu_array
 from .module import Module
 
 
@@ -32,6 +32,8 @@ class SoftmaxCrossEntropy(Module):
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))  # (N, K)
         nll = -(log_probs * one_hot).sum(axis=1)                                # (N,)
+        if is_gpu_array(labels):   # range not checked on the host (that waits for the GPU every step):
+            nll = xp.where((labels >= 0) & (labels < num_classes), nll, xp.nan)  # a bad label -> NaN loss
 
         if self.weight is None:
             sample_weight = xp.full(nll.shape, 1.0 / nll.shape[0], dtype=logits.dtype)
@@ -61,9 +63,10 @@ def check_labels(logits, labels, weight) -> None:
         raise ValueError("SoftmaxCrossEntropy: empty batch (N = 0)")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"SoftmaxCrossEntropy: labels must be integers, got dtype {labels.dtype}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= k:
-        raise ValueError(f"SoftmaxCrossEntropy: labels must be in [0, {k - 1}], got values in [{low}, {high}]")
+    if not is_gpu_array(labels):       # on the GPU, forward makes a bad label's loss NaN instead
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= k:
+            raise ValueError(f"SoftmaxCrossEntropy: labels must be in [0, {k - 1}], got values in [{low}, {high}]")
     if weight is not None and len(weight) != k:
         raise ValueError(f"SoftmaxCrossEntropy: weight has {len(weight)} entries for {k} classes")
 

@@ -1,8 +1,7 @@
 """minicnn/cuda_kernels.py: each fused CuPy kernel against the readable path.
 
 These need a GPU (the ``gpu`` fixture skips without one; MINICNN_REQUIRE_GPU=1
-fails instead). The first tests need none: the kernels stay off unless asked for,
-and never touch host arrays.
+fails instead). The first test needs none: host arrays never take the kernels.
 """
 import numpy as np
 import pytest
@@ -12,19 +11,20 @@ from minicnn import cuda_kernels, fast, optim
 from minicnn.im2col import col2im, im2col, output_size
 
 
-def test_kernels_are_off_unless_asked_for(monkeypatch):
+def test_host_arrays_never_take_the_kernels(monkeypatch):
     monkeypatch.delenv("MINICNN_CUDA_KERNELS", raising=False)
-    assert not cuda_kernels.enabled()
+    assert not cuda_kernels.enabled(np.zeros(3))
     monkeypatch.setenv("MINICNN_CUDA_KERNELS", "1")
-    assert not cuda_kernels.enabled(np.zeros(3))        # host arrays never take them
+    assert not cuda_kernels.enabled(np.zeros(3))
 
 
-def test_kernels_are_used_on_the_gpu_when_asked_for(gpu, monkeypatch):
+def test_kernels_are_used_on_the_gpu_unless_switched_off(gpu, monkeypatch):
     x = gpu.zeros(3)
     monkeypatch.delenv("MINICNN_CUDA_KERNELS", raising=False)
-    assert not cuda_kernels.enabled(x)
-    monkeypatch.setenv("MINICNN_CUDA_KERNELS", "1")
     assert cuda_kernels.enabled(x)
+    assert not cuda_kernels.enabled(x, np.zeros(3))     # all arrays must be on the GPU
+    monkeypatch.setenv("MINICNN_CUDA_KERNELS", "0")
+    assert not cuda_kernels.enabled(x)
 
 
 @pytest.fixture
@@ -75,20 +75,25 @@ def test_maxpool_matches_readable(gpu, kernels_on, kernel, stride, padding, shap
     lambda params: optim.Adam(params, lr=0.01, weight_decay=1e-2),
     lambda params: optim.AdamW(params, lr=0.01),
 ])
-def test_optimizer_updates_match_readable(gpu, kernels_on, make):
+def test_optimizer_updates_match_readable(gpu, make, monkeypatch):
+    """The fused update gives the readable GPU path's bits (--fmad=false), and the CPU's numbers."""
     rng = np.random.default_rng(0)
     data, grads = rng.standard_normal((5, 7)).astype(np.float32), rng.standard_normal((3, 5, 7)).astype(np.float32)
-    host, device = mc.Parameter(data.copy()), mc.Parameter(gpu.asarray(data))
-    host_optimizer, device_optimizer = make([host]), make([device])
+    params = {"cpu": mc.Parameter(data.copy()), "readable": mc.Parameter(gpu.asarray(data)),
+              "fused": mc.Parameter(gpu.asarray(data))}
+    optimizers = {path: make([param]) for path, param in params.items()}
     for grad in grads:
-        host.grad, device.grad = grad.copy(), gpu.asarray(grad)
-        host_optimizer.step()
-        device_optimizer.step()
-    # The CUDA compiler fuses a * b + c into one rounding: the last bit may differ.
-    np.testing.assert_allclose(gpu.asnumpy(device.data), host.data, rtol=1e-5, atol=1e-6)
-    for name, value in host_optimizer.state[0].items():
+        for path, param in params.items():
+            monkeypatch.setenv("MINICNN_CUDA_KERNELS", "1" if path == "fused" else "0")
+            param.grad = grad.copy() if path == "cpu" else gpu.asarray(grad)
+            optimizers[path].step()
+    np.testing.assert_array_equal(gpu.asnumpy(params["fused"].data), gpu.asnumpy(params["readable"].data))
+    np.testing.assert_allclose(gpu.asnumpy(params["fused"].data), params["cpu"].data, rtol=1e-5, atol=1e-6)
+    for name, value in optimizers["cpu"].state[0].items():
         if name != "step":
-            np.testing.assert_allclose(gpu.asnumpy(device_optimizer.state[0][name]), value, rtol=1e-5, atol=1e-6)
+            fused, readable = (gpu.asnumpy(optimizers[path].state[0][name]) for path in ("fused", "readable"))
+            np.testing.assert_array_equal(fused, readable)
+            np.testing.assert_allclose(fused, value, rtol=1e-5, atol=1e-6)
 
 
 def test_a_training_step_with_kernels_matches_the_cpu(gpu, kernels_on):

@@ -170,6 +170,17 @@ def test_loss_matches_cpu(gpu, weighted):
     assert_gpu_matches(gpu_criterion.backward(), criterion.backward(), gpu, what="grad logits")
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "class_weights"])
+def test_out_of_range_gpu_labels_make_the_loss_nan(gpu, weighted):
+    """On the GPU the label range is not read back to the host (a sync per step): a bad label -> NaN."""
+    weight = np.array([1.0, 2.0], np.float32) if weighted else None
+    logits = gpu.asarray(np.zeros((3, 2), np.float32))
+    good = minicnn.SoftmaxCrossEntropy(weight)(logits, gpu.asarray(np.array([0, 1, 1])))
+    assert np.isfinite(float(good))
+    for bad in ([0, 2, 1], [-1, 0, 1]):
+        assert np.isnan(float(minicnn.SoftmaxCrossEntropy(weight)(logits, gpu.asarray(np.array(bad)))))
+
+
 # -- optimizers ------------------------------------------------------------------------------
 
 OPTIMIZERS = {
