@@ -6,7 +6,8 @@
 #   2. train-step benchmarks against PyTorch CUDA in float32 (and once with its default TF32 convolutions):
 #      `default` and LeNet-sized with the fused kernels and on the readable path, ResNet-18, and each
 #      layer of the seed CNN alone;
-#   3. gpu_sync_probe.py: does a training step ever wait for the GPU (a device-to-host copy)?
+#   3. gpu_sync_probe.py: does a training step ever wait for the GPU (a device-to-host copy)? and
+#      gpu_profile_layers.py: where a ResNet-18 step's time goes;
 #   4. the quick-start example on the GPU.
 #
 #     bash benchmarks/gpu_check.sh OUTDIR        # run from the repository root
@@ -57,6 +58,8 @@ echo "bench done"
   timeout 45 $py benchmarks/gpu_sync_probe.py --models default,lenet
   echo "== sync probe, readable path"
   MINICNN_CUDA_KERNELS=0 timeout 45 $py benchmarks/gpu_sync_probe.py --models default,lenet
+  echo "== where a ResNet-18 step's time goes (batch 8)"
+  timeout 45 $py benchmarks/gpu_profile_layers.py --model resnet18 --batch 8
 } > "$out/sync.log" 2>&1
 cat "$out/sync.log"
 

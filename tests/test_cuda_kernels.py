@@ -3,6 +3,8 @@
 These need a GPU (the ``gpu`` fixture skips without one; MINICNN_REQUIRE_GPU=1
 fails instead). The first test needs none: host arrays never take the kernels.
 """
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,44 @@ def test_a_training_step_with_kernels_matches_the_cpu(gpu, kernels_on):
         results.append([mc.as_numpy(p.data) for p in model.parameters()])
     for cpu_value, gpu_value in zip(*results):
         np.testing.assert_allclose(gpu_value, cpu_value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["new", "inplace"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_relu_matches_readable(gpu, monkeypatch, inplace, grad):
+    x = np.random.default_rng(3).standard_normal((2, 3, 5, 4)).astype(np.float32)
+    x[0, 0, 0, :2] = [np.nan, 0.0]
+    results = {}
+    for path in ("readable", "fused"):
+        monkeypatch.setenv("MINICNN_CUDA_KERNELS", "1" if path == "fused" else "0")
+        layer, device_x = mc.ReLU(inplace=inplace), gpu.asarray(x)
+        with (contextlib.nullcontext() if grad else mc.no_grad()):
+            out = layer(device_x)
+        assert (out is device_x) == inplace
+        results[path] = (gpu.asnumpy(out), gpu.asnumpy(layer.backward(gpu.ones_like(out))) if grad else None)
+    np.testing.assert_array_equal(results["fused"][0], results["readable"][0])     # NaN stays NaN in both
+    if grad:
+        np.testing.assert_array_equal(results["fused"][1], results["readable"][1])
+
+
+def test_batchnorm_matches_readable(gpu, monkeypatch):
+    rng = np.random.default_rng(4)
+    x, upstream = rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32) * 3 + 1
+    weight = rng.standard_normal(4).astype(np.float32)
+    results = {}
+    for path in ("readable", "fused"):
+        monkeypatch.setenv("MINICNN_CUDA_KERNELS", "1" if path == "fused" else "0")
+        layer = mc.BatchNorm2d(4)
+        layer.weight.data[...] = weight
+        layer.to("gpu")
+        out = layer(gpu.asarray(x))
+        grad_x = layer.backward(gpu.asarray(upstream))
+        results[path] = [gpu.asnumpy(a) for a in (out, grad_x, layer.weight.grad, layer.bias.grad,
+                                                  layer.running_mean, layer.running_var)]
+    # The variance's sum runs in another order (one reduction instead of einsum): not bit-equal.
+    for fused, readable in zip(results["fused"], results["readable"]):
+        np.testing.assert_allclose(fused, readable, rtol=1e-5, atol=1e-4)
+    a, b = (gpu.asarray(array) for array in (x, upstream))
+    np.testing.assert_allclose(gpu.asnumpy(cuda_kernels.channel_dot(a, b)),
+                               np.einsum("nchw,nchw->c", x.astype(np.float64), upstream.astype(np.float64)),
+                               rtol=1e-5, atol=1e-3)

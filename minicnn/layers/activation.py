@@ -1,7 +1,7 @@
 """Activations."""
 from __future__ import annotations
 
-from .. import fast
+from .. import cuda_kernels, fast
 from ..backend import get_array_module
 from ..grad_mode import is_grad_enabled
 from ..module import Module
@@ -24,6 +24,10 @@ class ReLU(Module):
     def forward(self, x):
         if fast.use_fast_path(x):                   # the same, split over the batch in threads
             out, positive = fast.relu_forward(x, inplace=self.inplace, keep_mask=is_grad_enabled())
+            self.save_for_backward(positive)
+            return out
+        if cuda_kernels.enabled(x) and x.flags.c_contiguous:   # CuPy: output and mask in one launch
+            out, positive = cuda_kernels.relu_forward(x, inplace=self.inplace, keep_mask=is_grad_enabled())
             self.save_for_backward(positive)
             return out
         xp = get_array_module(x)
