@@ -51,8 +51,6 @@ def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, default=None, help="number of folds (grouped by source; default 5)")
     parser.add_argument("--repeats", type=int, default=None, help="draw the folds this many times (seeds; default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="fold models trained at once, in worker processes")
-    parser.add_argument("--tta", action="store_true", help="the saved fold ensemble also averages the "
-                        "left-right mirror image (test-time augmentation)")
 
 
 def run_config_from_args(config_class, args, out_prefix: str = ""):
@@ -88,14 +86,15 @@ def run_cv(args) -> int:
     from .train import TrainConfig
 
     config = run_config_from_args(TrainConfig, args, out_prefix="cv-")
-    plan = {"folds": 5 if args.folds is None else args.folds, "repeats": 1 if args.repeats is None else args.repeats,
-            "tta": bool(args.tta)}
+    plan = {"folds": 5 if args.folds is None else args.folds, "repeats": 1 if args.repeats is None else args.repeats}
     if args.resume:                                     # the saved plan; only --jobs may change
         plan, epochs = load_plan(args.resume)
-        typed = {"folds": args.folds, "repeats": args.repeats, "tta": args.tta or None}
+        if "tta" in plan:                               # a run from before --tta became a recipe option
+            config.tta = bool(plan.pop("tta"))
+        typed = {"folds": args.folds, "repeats": args.repeats}
         changed = [f"--{name}" for name, value in typed.items() if value is not None and value != plan.get(name)]
         if changed:
-            raise CovidCTError(f"--resume {args.resume} continues the run with its saved folds, repeats and tta; "
+            raise CovidCTError(f"--resume {args.resume} continues the run with its saved folds and repeats; "
                                f"{', '.join(changed)} cannot change")
         if config.epochs != epochs:
             raise CovidCTError(f"--resume {args.resume}: the folds train for {epochs} epochs; --epochs cannot "

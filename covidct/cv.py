@@ -95,7 +95,7 @@ def choose_oof_threshold(labels, scores, target_sensitivity: float | None) -> tu
 # ------------------------------------------------------------------ one fold
 def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool = False, resume: bool = False):
     """Train one fold (in this process or a worker) -> (P(COVID) on the held-out fold, best.npz path).
-    tta: the held-out probability is the mean over the slice and its left-right mirror image.
+    tta: the held-out probability combines the slice's and its left-right mirror image's.
     resume: continue the fold's run from its last.npz if one was saved."""
     if blas_threads:                                     # a worker shares the cores with the others
         from minicnn import fast
@@ -118,10 +118,7 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
         # else: training had finished; only the held-out predictions are missing
     else:
         trainer.fit()
-    scores = predict_checkpoint(run_dir / "best.npz", test_images, config.device)
-    if tta:
-        mirrored = predict_checkpoint(run_dir / "best.npz", test_images[..., ::-1].copy(), config.device)
-        scores = (scores + mirrored) / 2
+    scores = predict_checkpoint(run_dir / "best.npz", test_images, config.device, tta=tta)
     mode = "a" if resume else "w"
     with open(run_dir / "log.txt", mode) as log_file:
         log_file.write("".join(f"{line}\n" for line in lines))
@@ -160,33 +157,34 @@ def read_heldout(run_dir: Path, paths):
     return frame["p_covid"].to_numpy(dtype=np.float64)
 
 
-def save_plan(out: Path, config, folds: int, repeats: int, tta: bool) -> None:
+def save_plan(out: Path, config, folds: int, repeats: int) -> None:
     """RUN/config.json: the config as given, and how the folds are made (what --resume reads)."""
-    plan = dict(asdict(config), cv={"folds": folds, "repeats": repeats, "tta": tta})
+    plan = dict(asdict(config), cv={"folds": folds, "repeats": repeats})
     partial = out / "config.json.partial"
     partial.write_text(json.dumps(plan, indent=2) + "\n")
     os.replace(partial, out / "config.json")
 
 
 def load_plan(out: Path) -> tuple[dict, int]:
-    """({folds, repeats, tta}, epochs per fold) saved by a cross-validation run in out."""
+    """({folds, repeats}, epochs per fold) saved by a cross-validation run in out."""
     try:
         saved = json.loads((Path(out) / "config.json").read_text())
-        return saved["cv"], saved["epochs"]
+        return dict(saved["cv"]), saved["epochs"]
     except (OSError, ValueError, KeyError, TypeError):
         raise CovidCTError(f"--resume {out}: not a covidct cv run folder (no config.json with a 'cv' "
                            f"entry)") from None
 
 
 # ------------------------------------------------------------------ the whole run
-def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta: bool = False,
-                   resume: bool = False, log=print) -> dict:
+def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resume: bool = False,
+                   log=print) -> dict:
     """k-fold CV of one TrainConfig over its train + val splits (protocol in the module docstring).
 
     Writes to config.out: config.json, oof.csv, cv.json, cv.md, fold runs r<R>-fold<F>[-m<M>][-<view>][-<model>]/,
     ensemble.npz. config.members (seeds) x config.views x config.models (presets): models per fold; a fold's held-out
-    probability is their combination (covidct.ensemble.combine_probabilities).
-    resume: continue a stopped run in config.out (same config, folds, repeats and tta).
+    probability is their combination (covidct.ensemble.combine_probabilities), each model's probability
+    combined with its probability on the mirror image when config.tta (as the saved fold ensemble predicts).
+    resume: continue a stopped run in config.out (same config, folds and repeats).
     Returns the cv.json dict.
     """
     from .ensemble import combine_probabilities, save_ensemble
@@ -198,12 +196,12 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, tta:
     target = config.target_sensitivity                  # for the OOF threshold, not for the fold runs
     config = replace(config, select="last", target_sensitivity=None, progress=False)
     config.validate()
-    members = config.members
+    members, tta = config.members, config.tta
     multiview = len(config.views) > 1
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        save_plan(out, replace(config, target_sensitivity=target), folds, repeats, tta)
+        save_plan(out, replace(config, target_sensitivity=target), folds, repeats)
     preprocess = preprocess_for(config, model_config_for(config))
     parts = [load_split(config, split, preprocess, log=log) for split in (config.train_split, config.val_split)]
     images = np.concatenate([p[0] for p in parts])

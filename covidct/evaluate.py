@@ -49,12 +49,20 @@ def predict_proba(model: mc.Module, images: np.ndarray, mean: float, std: float,
     return softmax(logits.astype(np.float64))[:, 1]
 
 
-def predict_checkpoint(path, images: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """P(COVID) of a checkpoint's model on in-memory images, on the checkpoint's own normalisation."""
+def predict_checkpoint(path, images: np.ndarray, device: str = "cpu", tta: bool = False) -> np.ndarray:
+    """P(COVID) of a checkpoint's model on in-memory images (N, 1, H, W), on the checkpoint's own
+    normalisation; tta: combined with its prediction on the left-right mirror images, as an ensemble
+    with tta combines them (covidct.ensemble.combine_probabilities)."""
     from .checkpoint import load_checkpoint
+    from .ensemble import combine_probabilities
 
     model, meta = load_checkpoint(path, device)
-    return predict_proba(model, images, meta["normalization"]["mean"], meta["normalization"]["std"], device=device)
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    scores = predict_proba(model, images, mean, std, device=device)
+    if tta:
+        mirrored = predict_proba(model, np.ascontiguousarray(images[..., ::-1]), mean, std, device=device)
+        scores = combine_probabilities([scores, mirrored])
+    return scores
 
 
 def choose_threshold(labels, scores, target_sensitivity: float | None) -> float:

@@ -129,6 +129,9 @@ class TrainConfig:
     members: int = option(1, "train this many models per view that differ only in their seed and save them as "
                              "one ensemble (ensemble.npz: the mean of their log-odds); in covidct cv, per fold",
                           metavar="M")
+    tta: bool = option(True, "ensembles (several members, views or presets; covidct cv's held-out predictions and "
+                             "fold ensemble) also average each slice's left-right mirror image (test-time "
+                             "augmentation; --no-tta: the slice alone)")
 
     def __post_init__(self):
         self.extra_data = tuple(self.extra_data or ())
@@ -636,12 +639,13 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
             checkpoints.append(str(trainer.run_dir / "best.npz"))
         if not root:
             return {"run_dir": str(out)}
-        scores = combine_probabilities([predict_checkpoint(path, view_data[view_index].val_images, config.device)
+        scores = combine_probabilities([predict_checkpoint(path, view_data[view_index].val_images, config.device,
+                                                           tta=config.tta)
                                         for path, (view_index, *_) in zip(checkpoints, plan)])
         threshold = choose_threshold(data.val_labels, scores, config.target_sensitivity)
         title = f"validation, ensemble of {len(plan)} models"
         metrics = write_evaluation(out, data.val_labels, scores, data.val_paths, threshold, title=title)
-        ensemble = save_ensemble(out / "ensemble.npz", checkpoints, threshold,
+        ensemble = save_ensemble(out / "ensemble.npz", checkpoints, threshold, tta=config.tta,
                                  info={"val": metrics["threshold"]})
         log(report_text(data.val_labels, scores, threshold, f"validation split, ensemble of {len(plan)} models"))
         return {"members": len(plan), "threshold": threshold, "val": metrics["threshold"],

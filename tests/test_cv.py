@@ -89,6 +89,8 @@ def test_the_fold_ensemble_combines_its_members(cv_run):
     assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 3
     assert meta["threshold"] == pytest.approx(result["threshold"])
     assert meta["preprocess"]["lungs"] == "crop"
+    assert ensemble.tta                                      # config.tta, the recipe's default
+    ensemble.tta = False
     images = np.random.default_rng(0).random((5, 1, 32, 32), dtype=np.float32)
     together = predict_proba(ensemble, images, meta["normalization"]["mean"], meta["normalization"]["std"])
     alone = []
@@ -102,6 +104,21 @@ def test_the_fold_ensemble_combines_its_members(cv_run):
     assert np.allclose(mirrored, flipped, atol=1e-6) and not np.allclose(mirrored, together)
     with pytest.raises(CovidCTError, match="inference only"):
         ensemble.backward(np.zeros((5, 2), np.float32))
+
+
+def test_tta_held_out_scores_are_what_the_saved_ensemble_predicts(cv_run):
+    """A fold's held-out P(COVID) with config.tta = the fold model as a one-member ensemble with tta."""
+    from pathlib import Path
+
+    from covidct.evaluate import predict_checkpoint
+    config, _, _ = cv_run
+    path = Path(config.out) / "r0-fold1" / "best.npz"
+    model, meta = load_checkpoint(path)
+    normalization = (meta["normalization"]["mean"], meta["normalization"]["std"])
+    images = np.random.default_rng(1).random((6, 1, 32, 32), dtype=np.float32)
+    expected = predict_proba(Ensemble([model], [normalization], tta=True), images, 0.0, 1.0)
+    assert np.allclose(predict_checkpoint(path, images, tta=True), expected, atol=1e-6)
+    assert not np.allclose(predict_checkpoint(path, images), expected, atol=1e-4)
 
 
 def test_cv_is_deterministic_per_seed(cv_run, tmp_path):
@@ -201,10 +218,12 @@ def test_cv_resume_on_the_command_line(tmp_path):
                               text=True, timeout=300)
 
     first = covidct_cv("--data", data, "--out", run, "--model", "tiny", "--epochs", "1", "--batch-size", "8",
-                       "--lungs", "none",
+                       "--lungs", "none", "--no-tta",
                        "--folds", "2", "--no-progress", "--cache-dir", tmp_path / "cache")
     assert first.returncode == 0, first.stderr
-    assert json.loads((run / "config.json").read_text())["cv"] == {"folds": 2, "repeats": 1, "tta": False}
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["cv"] == {"folds": 2, "repeats": 1} and saved["tta"] is False
+    assert load_checkpoint(run / "ensemble.npz")[1]["tta"] is False
     again = covidct_cv("--resume", run)
     assert again.returncode == 0, again.stderr
     assert "2 of 2 folds done" in again.stdout and again.stdout.split("Cross-validation:")[1] == \

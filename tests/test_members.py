@@ -46,7 +46,8 @@ def test_the_ensemble_is_the_geometric_mean_of_its_members_on_val(ensemble_run):
     assert meta["threshold"] == pytest.approx(summary["threshold"]) == 0.5       # no --target-sensitivity
     predictions = pd.read_csv(root / "run" / "predictions.csv")
     images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
-    members = [predict_checkpoint(root / "run" / f"member{i}" / "best.npz", images) for i in range(2)]
+    assert meta["tta"] is True                           # the recipe's default: mirror images averaged in
+    members = [predict_checkpoint(root / "run" / f"member{i}" / "best.npz", images, tta=True) for i in range(2)]
     together = predict_checkpoint(root / "run" / "ensemble.npz", images)
     assert np.allclose(together, combine_probabilities(members), atol=1e-6)
     assert meta["combine"] == "geometric"

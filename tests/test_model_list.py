@@ -23,7 +23,7 @@ TWO_MODELS = dict(model="tiny,deep-small", image_size=32, lungs="none")
 @pytest.fixture(scope="module")
 def models_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    data, summary, logs = train_on_phantom(root, seed=4, size=48, **TWO_MODELS)
+    data, summary, logs = train_on_phantom(root, seed=4, size=48, tta=False, **TWO_MODELS)  # TTA: test_members
     return root, data, summary, logs
 
 

@@ -28,7 +28,7 @@ def config(data, out, **overrides):
 @pytest.fixture(scope="module")
 def views_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("views")
-    data, summary, logs = train_on_phantom(root, seed=3, size=64, lungs="none,crop")
+    data, summary, logs = train_on_phantom(root, seed=3, size=64, lungs="none,crop", tta=False)  # TTA: test_members
     return root, data, summary, logs
 
 
