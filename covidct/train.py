@@ -129,9 +129,9 @@ class TrainConfig:
     members: int = option(1, "train this many models per view that differ only in their seed and save them as "
                              "one ensemble (ensemble.npz: the mean of their log-odds); in covidct cv, per fold",
                           metavar="M")
-    tta: bool = option(True, "ensembles (several members, views or presets; covidct cv's held-out predictions and "
-                             "fold ensemble) also average each slice's left-right mirror image (test-time "
-                             "augmentation; --no-tta: the slice alone)")
+    tta: bool = option(True, "score each slice alone; by default ensembles (several members, views or presets; "
+                             "covidct cv's held-out predictions and fold ensemble) also score its left-right "
+                             "mirror image and join the two (test-time augmentation)")
 
     def __post_init__(self):
         self.extra_data = tuple(self.extra_data or ())
