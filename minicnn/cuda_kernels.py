@@ -23,12 +23,13 @@ needs), so no atomics are needed and sums run in the readable code's order:
 They are used for CuPy arrays unless ``MINICNN_CUDA_KERNELS=0`` (``enabled()``;
 set it to read or step through the readable path on the GPU). tests/test_cuda_kernels.py
 compares each with the readable path (it skips without a GPU; it passed on an H200,
-benchmarks/RESULTS.md). All give the readable code's numbers: im2col, col2im and
-max-pool are copies and sums in the same order, and the optimizer updates do the
+benchmarks/RESULTS.md). All but one give the readable code's numbers: im2col, col2im
+and max-pool are copies and sums in the same order, and the elementwise kernels do the
 readable code's operations in its order, compiled with ``--fmad=false`` so that the
 compiler does not contract a * b + c into one fused multiply-add (one rounding
-instead of two). CuPy is imported inside the functions, so this module imports
-without it.
+instead of two). The exception is channel_dot, whose sum runs in another order than
+einsum's (relative 1e-7). CuPy is imported inside the functions, so this module
+imports without it.
 """
 from __future__ import annotations
 
