@@ -95,6 +95,27 @@ def make_batch(batch: int, shape, classes: int):
     return x, y
 
 
+def training_step(model_name: str, batch: int, device: str = "gpu"):
+    """(model, optimizer, step) for the GPU probes: ``build(model_name)`` on ``device`` with one fixed
+    batch, and ``step()``, one SGD training step on it (forward, loss, backward, update)."""
+    import minicnn as mc
+    from minicnn import optim
+    model, shape, classes = build(model_name)
+    x, y = make_batch(batch, shape, classes)
+    model.to(device)
+    x, y = mc.to_device(x, device), mc.to_device(y, device)
+    criterion = mc.SoftmaxCrossEntropy()
+    optimizer = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    model.train()
+
+    def step():
+        optimizer.zero_grad()
+        criterion(model(x), y)
+        model.backward(criterion.backward())
+        optimizer.step()
+    return model, optimizer, step
+
+
 # -- one case, in the child process ------------------------------------------------------------
 
 def clear_saved(model) -> None:

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_train_step  # noqa: E402
 import minicnn as mc  # noqa: E402
-from minicnn import optim  # noqa: E402
 
 
 def main() -> None:
@@ -31,20 +30,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    model, shape, classes = bench_train_step.build(args.model)
-    x, y = bench_train_step.make_batch(args.batch, shape, classes)
-    model.to("gpu")
-    x, y = mc.to_device(x, "gpu"), mc.to_device(y, "gpu")
-    criterion = mc.SoftmaxCrossEntropy()
-    optimizer = optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train()
-
-    def step():
-        optimizer.zero_grad()
-        criterion(model(x), y)
-        model.backward(criterion.backward())
-        optimizer.step()
-
+    model, optimizer, step = bench_train_step.training_step(args.model, args.batch)
     for _ in range(3):
         step()
     mc.synchronize()

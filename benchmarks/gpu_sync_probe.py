@@ -24,8 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_train_step  # noqa: E402
-import minicnn as mc  # noqa: E402
-from minicnn import optim  # noqa: E402
 
 SPIN = r"""
 extern "C" __global__ void spin(long long cycles) {
@@ -38,20 +36,7 @@ extern "C" __global__ void spin(long long cycles) {
 def probe(name: str, batch: int, spin_ms: float, steps: int = 20) -> str:
     import cupy
     spin = cupy.RawKernel(SPIN, "spin")
-    model, shape, classes = bench_train_step.build(name)
-    x, y = bench_train_step.make_batch(batch, shape, classes)
-    model.to("gpu")
-    x, y = mc.to_device(x, "gpu"), mc.to_device(y, "gpu")
-    criterion = mc.SoftmaxCrossEntropy()
-    optimizer = optim.SGD(model.parameters(), lr=bench_train_step.LR, momentum=bench_train_step.MOMENTUM)
-    model.train()
-
-    def train_step():
-        optimizer.zero_grad()
-        criterion(model(x), y)
-        model.backward(criterion.backward())
-        optimizer.step()
-
+    _, _, train_step = bench_train_step.training_step(name, batch)
     for _ in range(3):                                   # warm-up: kernels compiled, memory pool filled
         train_step()
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
