@@ -51,18 +51,16 @@ def predict_proba(model: mc.Module, images: np.ndarray, mean: float, std: float,
 
 def predict_checkpoint(path, images: np.ndarray, device: str = "cpu", tta: bool = False) -> np.ndarray:
     """P(COVID) of a checkpoint's model on in-memory images (N, 1, H, W), on the checkpoint's own
-    normalisation; tta: combined with its prediction on the left-right mirror images, as an ensemble
-    with tta combines them (covidct.ensemble.combine_probabilities)."""
+    normalisation; tta: the model as a one-member ensemble with test-time augmentation (the slice and
+    its mirror image joined by the mean of their log-odds), as a saved ensemble with tta predicts."""
     from .checkpoint import load_checkpoint
-    from .ensemble import combine_probabilities
 
     model, meta = load_checkpoint(path, device)
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
-    scores = predict_proba(model, images, mean, std, device=device)
     if tta:
-        mirrored = predict_proba(model, np.ascontiguousarray(images[..., ::-1]), mean, std, device=device)
-        scores = combine_probabilities([scores, mirrored])
-    return scores
+        from .ensemble import Ensemble
+        model, mean, std = Ensemble([model], [(mean, std)], tta=True, combine="geometric"), 0.0, 1.0
+    return predict_proba(model, images, mean, std, device=device)
 
 
 def choose_threshold(labels, scores, target_sensitivity: float | None) -> float:

@@ -106,19 +106,20 @@ def test_the_fold_ensemble_combines_its_members(cv_run):
         ensemble.backward(np.zeros((5, 2), np.float32))
 
 
-def test_tta_held_out_scores_are_what_the_saved_ensemble_predicts(cv_run):
-    """A fold's held-out P(COVID) with config.tta = the fold model as a one-member ensemble with tta."""
+def test_tta_scores_join_each_slice_and_its_mirror_image(cv_run):
+    """What a fold model scores with config.tta (held-out predictions, the fold ensemble)."""
     from pathlib import Path
 
     from covidct.evaluate import predict_checkpoint
     config, _, _ = cv_run
     path = Path(config.out) / "r0-fold1" / "best.npz"
-    model, meta = load_checkpoint(path)
-    normalization = (meta["normalization"]["mean"], meta["normalization"]["std"])
     images = np.random.default_rng(1).random((6, 1, 32, 32), dtype=np.float32)
-    expected = predict_proba(Ensemble([model], [normalization], tta=True), images, 0.0, 1.0)
-    assert np.allclose(predict_checkpoint(path, images, tta=True), expected, atol=1e-6)
-    assert not np.allclose(predict_checkpoint(path, images), expected, atol=1e-4)
+    mirrored = images[..., ::-1].copy()
+    with_tta = predict_checkpoint(path, images, tta=True)
+    plain = predict_checkpoint(path, images)
+    assert np.allclose(with_tta, combine_probabilities([plain, predict_checkpoint(path, mirrored)]), atol=1e-6)
+    assert np.allclose(predict_checkpoint(path, mirrored, tta=True), with_tta, atol=1e-6)   # mirror-invariant
+    assert not np.allclose(with_tta, plain, atol=1e-4)
 
 
 def test_cv_is_deterministic_per_seed(cv_run, tmp_path):
