@@ -16,7 +16,8 @@ The protocol of one run: every fold trains on the other k-1 folds (+ any
 epoch (the held-out fold never picks an epoch or a threshold); its predictions on
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
 drawn R times (different seeds) and each slice's OOF probability is the mean over
-repeats (and, with --tta, over each slice and its mirror image). With --members M,
+repeats. With config.tta (the default; --no-tta) each model scores the slice and its
+mirror image, joined like ensemble members. With --members M,
 several --lungs views V or several --model presets P (recipe options, as in covidct train;
 the default: V = 2, P = 2) every fold trains M x V x P models (seeds: weights, order,
 augmentation; views: whole slice, lung crop; presets: default, deep-small), and the
