@@ -29,7 +29,7 @@ reported per fold as mean +/- sd. The k x M x V x P fold models of the first rep
 saved as one ensemble checkpoint that evaluate and predict take like any other.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
-(config, folds, repeats, tta) is read back from RUN/config.json, a fold model whose
+(config, folds, repeats) is read back from RUN/config.json, a fold model whose
 held-out predictions were written (``r<R>-fold<F>[-m<M>][-<view>]/heldout.csv``) is not trained
 again, and a fold stopped mid-way continues from its last.npz, bit-identical to an
 uninterrupted run.
