@@ -495,10 +495,9 @@ def _torch_module(layer):
     nn = torch.nn
     from minicnn.models.resnet import ResNet
     if isinstance(layer, ResNet):
-        if tuple(len(getattr(layer, f"layer{i}")) for i in range(1, 5)) != (2, 2, 2, 2):
-            raise TypeError("only ResNet-18 (2-2-2-2 BasicBlocks) has a torch twin here")
-        from torch_resnet import torch_resnet18   # benchmarks/torch_resnet.py
-        return torch_resnet18(layer.num_classes, layer.in_channels)
+        from torch_resnet import torch_resnet     # benchmarks/torch_resnet.py
+        blocks = tuple(len(getattr(layer, f"layer{i}")) for i in range(1, 5))
+        return torch_resnet(blocks, layer.num_classes, layer.in_channels, layer.width)
     if isinstance(layer, minicnn.Sequential):
         return nn.Sequential(*[_torch_module(child) for child in layer])
     if isinstance(layer, minicnn.Conv2d):

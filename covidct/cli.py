@@ -63,7 +63,7 @@ def run_config_from_args(config_class, args, out_prefix: str = ""):
         if not Path(config.data).exists():
             raise CovidCTError(f"--data {config.data}: no such file or directory")
         if args.out is None:
-            first_model = config.model.split(",")[0]
+            first_model = config.model.split(",")[0].split(":")[0]
             config.out = str(Path("runs") / f"{out_prefix}{first_model}-{Path(config.data).resolve().name}")
     config.cache_dir = image_cache_dir(config.cache_dir)
     return config
@@ -299,7 +299,8 @@ EXAMPLES = {
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
              "  covidct train --resume runs/default-covid-ct\n"
              "  mpiexec -n 2 covidct train --distributed --data ../shared/covid-ct   # 2 processes",
-    "cv": "examples:\n  covidct cv --data ../shared/covid-ct --folds 5 --lungs crop --jobs 2\n"
+    "cv": "examples:\n  covidct cv --data ../shared/covid-ct --folds 5 --jobs 2\n"
+          "  covidct cv --data ../shared/covid-ct --lungs crop --model default --jobs 2   # one model per fold\n"
           "  covidct cv --resume runs/cv-default-covid-ct --jobs 2     # continue a stopped run\n"
           "  covidct evaluate --checkpoint runs/cv-default-covid-ct/ensemble.npz --data ../shared/covid-ct --split val",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "

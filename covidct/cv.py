@@ -47,7 +47,6 @@ import numpy as np
 
 from .errors import CovidCTError
 from .metrics import bootstrap_ci, classification_metrics, roc_auc, roc_curve, threshold_for_sensitivity
-from .preprocess import view_pairs
 from .sources import slice_groups, source_group  # noqa: F401  (source_group: public here too)
 
 __all__ = ["source_group", "grouped_folds", "youden_threshold", "cross_validate", "format_cv_table"]
@@ -198,7 +197,6 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
     config = replace(config, select="last", target_sensitivity=None, progress=False)
     config.validate()
     members, tta = config.members, config.tta
-    multiview = len(config.views) > 1
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -219,10 +217,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
     plan = ensemble_members(config)                     # (view index, view config, name suffix, seed number)
     groups = slice_groups(paths, labels)
     log(f"cross-validation: {len(images)} slices from {len(set(groups))} sources "
-        f"({int(labels.sum())} COVID), {folds} folds x {repeats} repeats"
-        + (f" x {members} seeds per fold" if members > 1 else "")
-        + (f" x {len(config.views)} views" if multiview else "")
-        + (f" x {len(config.models)} models ({config.model})" if len(config.models) > 1 else "")
+        f"({int(labels.sum())} COVID), {folds} folds x {repeats} repeats{recipe_text(config)}"
         + (f", + {len(extra[0])} extra training slices" if extra else ""))
 
     tasks = []
@@ -321,17 +316,31 @@ def write_oof(path: Path, paths, labels, groups, fold_table, oof, scores) -> Non
     frame.to_csv(path, index=False)
 
 
+def recipe_text(config) -> str:
+    """The models per fold of a TrainConfig, as the log and cv.md say it: " x 2 views (--lungs none,crop
+    --intensity none) x 2 models (--model default,deep-small)"; presets with views of their own
+    (--model deep-small:none-equalize) make no product: " x 5 models (--model ... --lungs ...)"."""
+    from .train import ensemble_members
+
+    text = f" x {config.members} seeds per fold" if config.members > 1 else ""
+    views, models, plan = len(config.views), len(config.model_views), len(ensemble_members(config)) // config.members
+    if views * models != plan:
+        return text + f" x {plan} models (--model {config.model} --lungs {config.lungs} --intensity {config.intensity})"
+    text += f" x {views} views (--lungs {config.lungs} --intensity {config.intensity})" if views > 1 else ""
+    return text + (f" x {models} models (--model {config.model})" if models > 1 else "")
+
+
 def format_cv_table(result: dict) -> str:
     """cv.json as a small Markdown table (mean +/- sd over folds, pooled OOF with a CI)."""
     fold, pooled = result["per_fold"], result["pooled"]
     low, high = result["pooled_auc_ci95"]
     config = result.get("config", {})
-    seeds = f" x {result['members']} seeds per fold" if result.get("members", 1) > 1 else ""
-    views = len(view_pairs(config.get("lungs", "none"), config.get("intensity", "none")))
-    seeds += f" x {views} views (--lungs {config['lungs']} --intensity {config['intensity']})" if views > 1 else ""
-    models = config.get("model", "default")
-    seeds += f" x {len(models.split(','))} models (--model {models})" if "," in models else ""
-    lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats{seeds}, "
+    from .train import TrainConfig
+
+    recipe = TrainConfig(data="", members=result.get("members", 1), **{key: config.get(key, "none") for key in
+                                                                          ("lungs", "intensity")},
+                         model=config.get("model", "default"))
+    lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats{recipe_text(recipe)}, "
              f"{result.get('n_sources')} sources; threshold {result['threshold']:.3f} ({result['threshold_rule']})", "",
              "| metric | per fold (mean +/- sd) | pooled out-of-fold |", "|---|---|---|",
              f"| ROC AUC | {fold['auc']['mean']:.3f} +/- {fold['auc']['sd']:.3f} | {pooled['auc']:.3f} "

@@ -27,8 +27,9 @@ that applies a softmax gets the combined probabilities back unchanged. Each memb
 normalises the [0, 1] input with its own training statistics, so the checkpoint's
 own normalisation is the identity (mean 0, std 1).
 
-Grad-CAM (covidct.gradcam) averages the heatmaps of the members that read channel 0
-(the picture that is shown; a lung crop's heatmap lies in another frame); ONNX export
+Grad-CAM (covidct.gradcam) averages the heatmaps of the members that read a channel cut
+like channel 0 (the picture that is shown, however its gray scale is calibrated; a lung crop's
+heatmap lies in another frame); ONNX export
 (covidct.export) writes the same combination as one graph.
 """
 from __future__ import annotations
@@ -63,9 +64,11 @@ class Ensemble(mc.Module):
     """Several models as one (inference only): their probabilities combined by ``combine`` ("mean", or
     "geometric": the normalised geometric mean), member i reading input channel ``views[i]`` when the
     input holds several views. Members are the attributes member0, member1, ..., so state_dict names
-    are ``member<i>.<name>``."""
+    are ``member<i>.<name>``. ``frame_views``: the channels whose pixels lie where channel 0's do (the
+    whole slice, whatever its gray scale; a lung crop lies elsewhere): Grad-CAM draws their members."""
 
-    def __init__(self, models, normalizations, tta: bool = False, views=None, combine: str = "mean"):
+    def __init__(self, models, normalizations, tta: bool = False, views=None, combine: str = "mean",
+                 frame_views=(0,)):
         if not models:
             raise CovidCTError("an ensemble needs at least one model")
         if combine not in COMBINE_RULES:
@@ -78,6 +81,7 @@ class Ensemble(mc.Module):
         self.tta = tta
         self.views = None if views is None else [int(v) for v in views]
         self.combine = combine
+        self.frame_views = [int(v) for v in frame_views]   # channels in channel 0's frame: Grad-CAM draws them
 
     @property
     def members(self):
@@ -120,13 +124,14 @@ def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False,
                   combine: str = "geometric") -> Path:
     """Join member checkpoints into one ensemble checkpoint, written atomically. The members'
     preprocessing must agree except for the view (``lungs``, ``intensity``): members of different
-    views make a multi-view ensemble whose input has one channel per view (Preprocess.views of the
-    modes in order of appearance)."""
+    views make a multi-view ensemble whose input has one channel per view, in order of appearance
+    (written as a product of modes, "none,crop" x "none,equalize", where the views make one, else
+    view by view: "none-window,crop")."""
     from .checkpoint import load_checkpoint, save_checkpoint
 
-    from .preprocess import Preprocess
+    from .preprocess import Preprocess, view_modes
 
-    models, metas, shared, modes = [], [], None, {"lungs": [], "intensity": []}
+    models, metas, shared, modes, views = [], [], None, {"lungs": [], "intensity": []}, []
     for member in member_checkpoints:
         model, meta = load_checkpoint(member)
         if meta.get("kind") == KIND:
@@ -143,15 +148,17 @@ def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False,
         for key, listed in modes.items():
             if getattr(preprocess, key) not in listed:
                 listed.append(getattr(preprocess, key))
+        view = (preprocess.lungs, preprocess.intensity)
+        views += [view] if view not in views else []
         models.append(model)
-        metas.append({**{k: meta[k] for k in ("model_config", "normalization", "epoch")},
-                      "view": (preprocess.lungs, preprocess.intensity)})
-    joined = Preprocess(**shared, **{key: ",".join(listed) for key, listed in modes.items()})
+        metas.append({**{k: meta[k] for k in ("model_config", "normalization", "epoch")}, "view": view})
+    lungs, intensity = view_modes(views, *(",".join(listed) for listed in modes.values()))
+    joined = Preprocess(**shared, lungs=lungs, intensity=intensity)
     for m in metas:                                   # (lungs, intensity) -> its channel of the joined input
         m["view"] = joined.views.index(m["view"])
-    views = [m["view"] for m in metas] if len(joined.views) > 1 else None
+    channels = [m["view"] for m in metas] if len(joined.views) > 1 else None
     ensemble = Ensemble(models, [(m["normalization"]["mean"], m["normalization"]["std"]) for m in metas], tta,
-                        views=views, combine=combine)
+                        views=channels, combine=combine, frame_views=joined.frame_views)
     metadata = {"kind": KIND, "members": metas, "tta": bool(tta), "combine": combine, "threshold": float(threshold),
                 "preprocess": joined.to_dict(),
                 "normalization": {"mean": 0.0, "std": 1.0}, "model_config": metas[0]["model_config"],
@@ -176,4 +183,5 @@ def build_ensemble(metadata: dict) -> Ensemble:
                     [(m["normalization"]["mean"], m["normalization"]["std"]) for m in members],
                     tta=bool(metadata.get("tta", False)),
                     views=[int(m.get("view", 0)) for m in members] if multiview else None,
-                    combine=metadata.get("combine", "mean"))
+                    combine=metadata.get("combine", "mean"),
+                    frame_views=Preprocess.from_dict(metadata["preprocess"]).frame_views)

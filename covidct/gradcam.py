@@ -25,8 +25,9 @@ call (None for a model that is not in the middle of a training step).
 For an ensemble (covidct.ensemble) the heatmap is the mean of its members' heatmaps,
 each member on its own normalisation of the input (and, with flip TTA, also on the
 mirror image, its heatmap mirrored back), rescaled to a maximum of 1. A multi-view
-ensemble's heatmap is that of its members reading channel 0 (the whole slice that
-the pictures show); the lung-crop members' heatmaps lie in another frame.
+ensemble's heatmap is that of its members reading the whole slice that the pictures
+show (channel 0, and any other gray scale of it); the lung-crop members' heatmaps lie in
+another frame.
 """
 from __future__ import annotations
 
@@ -172,13 +173,14 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
 
 
 def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return_logits):
-    """The mean of the heatmaps of the members that read channel 0 (x identity-normalised, as the
-    ensemble takes it): the picture shown is channel 0, and another view's heatmap (a lung crop's)
-    lies in another frame."""
+    """The mean of the heatmaps of the members that read a channel in channel 0's frame (x
+    identity-normalised, as the ensemble takes it; ``Ensemble.frame_views``: the whole slice, however
+    its gray scale is shown): the picture shown is channel 0, and a lung crop's heatmap lies in
+    another frame."""
     xp = mc.get_array_module(x)
     total = np.zeros((x.shape[0],) + tuple(x.shape[2:]), np.float64)
     for index, member in enumerate(ensemble.members):
-        if ensemble.views is not None and ensemble.views[index] != 0:
+        if ensemble.views is not None and ensemble.views[index] not in ensemble.frame_views:
             continue
         for mirrored in ((False, True) if ensemble.tta else (False,)):
             view = xp.ascontiguousarray(x[..., ::-1]) if mirrored else x

@@ -25,6 +25,8 @@ Presets:
            results"); the real-data default trains both.
   resnet18 (other family) torchvision's ResNet-18 with 1-channel input and a 2-way head;
            start it from ImageNet weights with ``covidct train --pretrained resnet18-f37072fd.pth``.
+  resnet-small  a ResNet-10 (one BasicBlock per stage) at a quarter of the width (16 to 128
+           channels), 128x128 input: about deep-small's cost.
 """
 from __future__ import annotations
 
@@ -33,7 +35,6 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 import minicnn as mc
-from minicnn.models import resnet18
 from minicnn.models.resnet import BACKBONE as RESNET_BACKBONE
 from minicnn.models.resnet import ResNet
 
@@ -119,10 +120,14 @@ class DeepConfig:
 
 @dataclass
 class ResNetConfig:
-    """torchvision's ResNet-18 (minicnn.models.resnet18) with a 2-way head and 1-channel input."""
+    """torchvision's ResNet-18 (minicnn.models.resnet18) with a 2-way head and 1-channel input;
+    ``layers`` (BasicBlocks per stage) and ``width`` (conv1's channels) size other members of the
+    family (minicnn.models.ResNet)."""
     input_size: int = 224
     in_channels: int = 1
     num_classes: int = 2
+    layers: tuple[int, ...] = (2, 2, 2, 2)
+    width: int = 64
     arch: str = "resnet18"
 
     def to_dict(self) -> dict:
@@ -130,8 +135,8 @@ class ResNetConfig:
 
     def feature_shape(self) -> tuple[int, int, int]:
         if self.input_size < 32:
-            raise CovidCTError(f"input size {self.input_size} is too small for ResNet-18; use at least 32")
-        return 512, 1, 1
+            raise CovidCTError(f"input size {self.input_size} is too small for a ResNet; use at least 32")
+        return 8 * self.width, 1, 1
 
 
 PRESETS = {
@@ -143,6 +148,7 @@ PRESETS = {
     "deep": DeepConfig(),
     "deep-small": DeepConfig(channels=(8, 16, 32, 64)),
     "resnet18": ResNetConfig(),
+    "resnet-small": ResNetConfig(input_size=128, layers=(1, 1, 1, 1), width=16),
     "tiny": ModelConfig(input_size=32, conv1=ConvBlock(4, 3, 1, 1, 2), conv2=ConvBlock(8, 3, 1, 1, 2),
                         hidden=(16, 8), dropout=0.1),
 }
@@ -157,7 +163,7 @@ def preset(name: str):
 def config_from_dict(data: dict):
     """ModelConfig or DeepConfig, from the dict stored in a checkpoint."""
     if data.get("arch") == "resnet18":
-        return ResNetConfig(**data)
+        return ResNetConfig(**dict(data, layers=tuple(data.get("layers", (2, 2, 2, 2)))))
     if data.get("arch") == "deep":
         data = dict(data, channels=tuple(data["channels"]))
         return DeepConfig(**data)
@@ -170,7 +176,8 @@ def build_model(config, seed: int = 0) -> mc.Sequential:
         return build_deep(config, seed)
     if isinstance(config, ResNetConfig):
         config.feature_shape()
-        return resnet18(config.num_classes, config.in_channels, rng=np.random.default_rng(seed))
+        return ResNet(config.layers, config.num_classes, config.in_channels, width=config.width,
+                      rng=np.random.default_rng(seed))
     rng = np.random.default_rng(seed)
     c1, c2 = config.conv1, config.conv2
     channels, height, width = config.feature_shape()

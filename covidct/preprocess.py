@@ -74,9 +74,41 @@ def is_mode_list(value, modes) -> bool:
 
 
 def view_pairs(lungs: str, intensity: str) -> tuple[tuple[str, str], ...]:
-    """Every (lungs, intensity) view of two comma-joined mode lists, lungs-major."""
-    return tuple((lung_mode, intensity_mode)
-                 for lung_mode in lungs.split(",") for intensity_mode in intensity.split(","))
+    """Every (lungs, intensity) view of two comma-joined mode lists, lungs-major.
+
+    A lungs entry that names its own intensity ("none-window") is that one view; a plain one
+    ("crop") is taken with every intensity mode: ("none-window,crop", "none") ->
+    (("none", "window"), ("crop", "none"))."""
+    pairs = []
+    for lung_mode in lungs.split(","):
+        if "-" in lung_mode:
+            pairs.append(tuple(lung_mode.split("-", 1)))
+        else:
+            pairs += [(lung_mode, intensity_mode) for intensity_mode in intensity.split(",")]
+    return tuple(pairs)
+
+
+def view_modes(views, lungs: str, intensity: str) -> tuple[str, str]:
+    """(lungs, intensity) mode lists whose views are exactly ``views``: the given lists where their
+    product is ``views``, else the views one by one ("none-window,crop", "none")."""
+    if view_pairs(lungs, intensity) == tuple(views):
+        return lungs, intensity
+    return ",".join(view_name(*view) for view in views), "none"
+
+
+def views_error(lungs, intensity) -> str | None:
+    """What is wrong with a (lungs, intensity) pair of mode lists, or None when they are valid."""
+    lung_views = LUNG_MODES + tuple(f"{lung}-{mode}" for lung in LUNG_MODES for mode in INTENSITY_MODES)
+    if not is_mode_list(lungs, lung_views):
+        return (f"lungs={lungs!r}: expected one of {', '.join(LUNG_MODES)}, each optionally with its own "
+                f"intensity (none-window), or several different ones joined by commas (none,crop)")
+    if not is_mode_list(intensity, INTENSITY_MODES):
+        return (f"intensity={intensity!r}: expected one of {', '.join(INTENSITY_MODES)}, or several "
+                f"different ones joined by commas (none,equalize)")
+    views = view_pairs(lungs, intensity)
+    if len(set(views)) < len(views):
+        return f"lungs={lungs!r} with intensity={intensity!r}: the same view twice"
+    return None
 
 
 def view_name(lungs: str, intensity: str) -> str:
@@ -112,7 +144,9 @@ class Preprocess:
                       density order (and a lesion's place between lung and tissue) stays.
     Several views: lungs and intensity may each list several modes joined by commas;
     every combination is one view, lungs-major ("none,crop" x "none,equalize": whole,
-    whole equalised, crop, crop equalised), and the output has one channel per view:
+    whole equalised, crop, crop equalised). A lungs entry may name its own intensity,
+    "none-window": then it is that one view ("none-window,crop": the whole slice
+    window-calibrated, and the lung crop as decoded). The output has one channel per view:
     (views, size, size). That is the input of a multi-view ensemble, whose members each
     read one channel (covidct.ensemble).
     Stored in checkpoints as JSON: see to_dict() / from_dict(); evaluate, predict and
@@ -129,11 +163,13 @@ class Preprocess:
             raise DataError(f"Preprocess size={self.size!r}: expected a positive integer number of pixels")
         if self.resize not in RESIZE_MODES:
             raise DataError(f"Preprocess resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
-        for name, modes in (("lungs", LUNG_MODES), ("intensity", INTENSITY_MODES)):
-            value = getattr(self, name)
-            if not is_mode_list(value, modes):
-                raise DataError(f"Preprocess {name}={value!r}: expected one of {', '.join(modes)}, "
-                                f"or several different ones joined by commas (e.g. {modes[0]},{modes[1]})")
+        error = views_error(self.lungs, self.intensity)
+        if error:
+            raise DataError(f"Preprocess {error}")
+        if len(self.views) == 1:                      # "none-window" -> lungs "none", intensity "window"
+            (lungs, intensity), = self.views
+            object.__setattr__(self, "lungs", lungs)
+            object.__setattr__(self, "intensity", intensity)
         if not 0 <= self.lung_margin <= 1:
             raise DataError(f"Preprocess lung_margin={self.lung_margin!r}: expected a fraction in [0, 1]")
         object.__setattr__(self, "size", int(self.size))
@@ -142,6 +178,11 @@ class Preprocess:
     def views(self) -> tuple[tuple[str, str], ...]:
         """(lungs, intensity) of each input channel: (("none", "none"),) for a plain slice."""
         return view_pairs(self.lungs, self.intensity)
+
+    @property
+    def frame_views(self) -> tuple[int, ...]:
+        """The channels cut like channel 0 (the same lungs mode: their pixels lie in one frame)."""
+        return tuple(index for index, (lungs, _) in enumerate(self.views) if lungs == self.views[0][0])
 
     def view(self, index: int) -> "Preprocess":
         """The single-channel preprocessing of channel ``index``."""

@@ -13,7 +13,7 @@ With ``--members M`` the run directory holds member0/ ... member<M-1>/ (each a r
 seeds ``member_seed(seed, i)``), ensemble.npz (the members as one checkpoint, threshold chosen
 on val) and the ensemble's metrics.json, predictions.csv, roc.png, confusion.png. Several views
 (--lungs, --intensity) or presets (--model), as in the default recipe, add to the member names:
-member0-none-default/, member0-crop-deep-small/, ... (``ensemble_members``).
+member0-none-window-default/, member0-crop-deep-small/, ... (``ensemble_members``).
 
 ``--resume RUN_DIR`` continues from last.npz; Ctrl-C or ``kill -9`` lose at most
 the epoch in progress. A NaN/inf loss stops the run with a clear message and
@@ -50,8 +50,8 @@ from .model import PRESETS, ModelConfig, build_model, count_parameters, preset, 
 from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
-from .preprocess import (INTENSITY_MODES, LUNG_MODES, RESIZE_MODES, Preprocess, compute_normalization, is_mode_list,
-                         load_images, view_name, view_pairs)
+from .preprocess import (RESIZE_MODES, Preprocess, compute_normalization, load_images, view_modes,
+                         view_name, view_pairs, views_error)
 from .scan import CTWindow
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
@@ -64,10 +64,12 @@ class TrainConfig:
     data: str = option("", "dataset: UCSD COVID-CT root, CSV manifest or class folders "
                            "(default: the generated synthetic phantom dataset)")
     out: str = option("runs/covidct", "run directory (default: runs/<model>-<data name>)")
-    model: str = option("default,deep-small", "model preset: default, wide, seed (the 2020 CNNv3), deep, deep-small, "
-                                              "resnet18, tiny; several joined by commas train one model of each (per "
-                                              "view) and save them as one ensemble (the default: default and "
-                                              "deep-small, chosen by cross-validation)", metavar="PRESET[,...]")
+    model: str = option("default,deep-small,deep-small:none-equalize",
+                        "model preset: default, wide, seed (the 2020 CNNv3), deep, deep-small, resnet18, "
+                        "resnet-small, tiny; several joined by commas train one model of each (per view) and save "
+                        "them as one ensemble; PRESET:VIEW trains that preset on that view only (the default, "
+                        "chosen by cross-validation: both presets on every --lungs view, and deep-small on the "
+                        "histogram-equalised whole slice)", metavar="PRESET[:VIEW][,...]")
     image_size: int | None = option(None, "input size (default: the preset's)")
     epochs: int = option(40, "number of epochs (with --resume: a larger number extends the run)")
     batch_size: int = option(32, "images per batch")
@@ -107,11 +109,14 @@ class TrainConfig:
                                  metavar="N")
     backbone_lr_scale: float = option(1.0, "the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning)",
                                       metavar="S")
-    lungs: str = option("none,crop", "how a model sees each slice: none (whole), crop (cut to its lung fields "
+    lungs: str = option("none-window,crop", "how a model sees each slice: none (whole), crop (cut to its lung fields "
                                      "before resizing, covidct/lungs.py), mask (crop, and blank what lies outside "
-                                     "the lung mask); several joined by commas train one model per view, saved as "
-                                     "one ensemble (the default: whole + crop, chosen by cross-validation)",
-                        metavar="{none,crop,mask}[,...]")
+                                     "the lung mask); each may name its own --intensity (none-window: the whole "
+                                     "slice, window-calibrated); several joined by commas train one model per "
+                                     "view, saved as one ensemble (the default: the window-calibrated whole "
+                                     "slice and the lung crop, chosen by cross-validation); --model entries with "
+                                     "a view of their own keep it",
+                        metavar="{none,crop,mask}[-INTENSITY][,...]")
     resize: str = option("stretch", "stretch: fill the square (the cross-validated best); pad: keep the aspect "
                                     "ratio on a black square", choices=RESIZE_MODES)
     intensity: str = option("none", "equalize: histogram-equalise every slice, so that figures with other "
@@ -138,19 +143,32 @@ class TrainConfig:
 
     @property
     def views(self) -> tuple[tuple[str, str], ...]:
-        """(lungs, intensity) of every view: --lungs x --intensity, lungs-major (Preprocess.views);
-        one view for single modes, else one model per view."""
-        return view_pairs(self.lungs, self.intensity)
+        """(lungs, intensity) of every view, one input channel each: --lungs x --intensity, lungs-major
+        (Preprocess.views), then the views that --model entries name for themselves."""
+        everywhere = any(view is None for _, view in self.model_views)        # some preset takes every view
+        views = list(view_pairs(self.lungs, self.intensity)) if everywhere else []
+        for _, own_view in self.model_views:
+            if own_view and own_view not in views:
+                views.append(own_view)
+        return tuple(views)
+
+    @property
+    def model_views(self) -> tuple[tuple[str, tuple[str, str] | None], ...]:
+        """(preset, its own view) of every --model entry: "deep-small:none-equalize" -> ("deep-small",
+        ("none", "equalize")), trained on that view only; "default" -> ("default", None), on every
+        view of --lungs x --intensity."""
+        entries = [entry.partition(":") for entry in self.model.split(",")]
+        return tuple((name, view_pairs(view, "none")[0] if view else None) for name, _, view in entries)
 
     @property
     def models(self) -> tuple[str, ...]:
-        """The model presets of --model: one, or one model of each per view."""
-        return tuple(self.model.split(","))
+        """The distinct model presets of --model."""
+        return tuple(dict.fromkeys(name for name, _ in self.model_views))
 
     @property
     def is_ensemble(self) -> bool:
         """Does this recipe train several models (--members, several views or presets)?"""
-        return self.members > 1 or len(self.views) > 1 or len(self.models) > 1
+        return self.members > 1 or len(self.views) > 1 or len(self.model_views) > 1
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -180,15 +198,27 @@ class TrainConfig:
                                f"used together with --freeze-backbone")
         if not self.backbone_lr_scale > 0:
             raise CovidCTError(f"--backbone-lr-scale must be > 0, got {self.backbone_lr_scale}")
-        for flag, value, modes in (("--lungs", self.lungs, LUNG_MODES), ("--intensity", self.intensity,
-                                                                          INTENSITY_MODES)):
-            if not is_mode_list(value, modes):
-                raise CovidCTError(f"{flag} must be one of {', '.join(modes)}, or several different ones joined "
-                                   f"by commas ({modes[0]},{modes[1]}), got {value!r}")
-        unknown = [name for name in self.models if name not in PRESETS]
-        if unknown or len(set(self.models)) < len(self.models):
-            raise CovidCTError(f"--model must be one of {', '.join(PRESETS)}, or several different ones joined by "
-                               f"commas (default,deep-small), got {self.model!r}")
+        error = views_error(self.lungs, self.intensity)
+        if error:
+            raise CovidCTError(f"--{error}")
+        entries, unknown = self.model.split(","), []
+        for entry in entries:
+            name, _, view = entry.partition(":")
+            if name not in PRESETS or view and views_error(view, "none"):
+                unknown.append(entry)
+        if unknown or len(set(entries)) < len(entries):
+            raise CovidCTError(f"--model must be one of {', '.join(PRESETS)}, each optionally with a view of its "
+                               f"own (deep-small:none-equalize), or several different ones joined by commas "
+                               f"(default,deep-small), got {self.model!r}")
+        if len(entries) == 1 and ":" in self.model:
+            raise CovidCTError(f"--model {self.model}: a view of its own is for one preset among several; for one "
+                               f"model give its view with --lungs and --intensity")
+        lung_views = view_pairs(self.lungs, self.intensity)
+        twice = [f"{name}:{view_name(*view)}" for name, view in self.model_views
+                 if view in lung_views and (name, None) in self.model_views]
+        if twice:
+            raise CovidCTError(f"--model {self.model} --lungs {self.lungs}: {', '.join(twice)} is already trained "
+                               f"on every --lungs view")
         sizes = {PRESETS[name].input_size for name in self.models}
         if len(sizes) > 1 and not self.image_size:
             raise CovidCTError(f"--model {self.model}: the presets take different input sizes "
@@ -254,8 +284,8 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
 
 def preprocess_for(config: TrainConfig, model_config) -> Preprocess:
     """The preprocessing a run's images get (and its checkpoints store)."""
-    return Preprocess(size=model_config.input_size, resize=config.resize, lungs=config.lungs,
-                      intensity=config.intensity)
+    lungs, intensity = view_modes(config.views, config.lungs, config.intensity)
+    return Preprocess(size=model_config.input_size, resize=config.resize, lungs=lungs, intensity=intensity)
 
 
 def load_split(config, split: str | None, preprocess: Preprocess, skipped_dir=None, source=None, log=print):
@@ -418,7 +448,7 @@ class Trainer(EpochLoop):
         if config.batch_size % self.comm.size:
             raise CovidCTError(f"--batch-size {config.batch_size} (the global batch) must be a multiple of "
                                f"the number of ranks, {self.comm.size}")
-        if len(config.views) > 1 or len(config.models) > 1:
+        if len(config.views) > 1 or len(config.model_views) > 1:
             raise CovidCTError(f"--lungs {config.lungs} --intensity {config.intensity} --model {config.model}: a "
                                f"Trainer trains one model on one view; covidct.train.train trains one per view "
                                f"and preset")
@@ -585,18 +615,21 @@ def member_seed(seed: int, member: int) -> int:
 
 def ensemble_members(config: TrainConfig) -> list[tuple[int, TrainConfig, str, int]]:
     """The single-model runs of an ensemble recipe, one per view, preset (--model) and seed (--members),
-    view-major: [(view index, the member's config (one --lungs, --intensity and --model, --members 1),
+    view-major; a plain preset sees every view of --lungs x --intensity, a PRESET:VIEW entry its own
+    view only: [(view index, the member's config (one --lungs, --intensity and --model, --members 1),
     run-name suffix ("" for one view and preset, else "-crop", "-none-equalize", "-crop-deep-small", ...),
     seed number)]. Callers set out and seed."""
     multiview, multimodel = len(config.views) > 1, len(config.models) > 1
+    lung_views = view_pairs(config.lungs, config.intensity)
 
     def suffix(lungs, intensity, model):
         names = ([view_name(lungs, intensity)] if multiview else []) + ([model] if multimodel else [])
         return "".join(f"-{name}" for name in names)
 
-    return [(index, replace(config, lungs=lungs, intensity=intensity, model=model, members=1),
-             suffix(lungs, intensity, model), member)
-            for index, (lungs, intensity) in enumerate(config.views) for model in config.models
+    return [(index, replace(config, lungs=view[0], intensity=view[1], model=model, members=1),
+             suffix(*view, model), member)
+            for index, view in enumerate(config.views)
+            for model, own_view in config.model_views if own_view == view or own_view is None and view in lung_views
             for member in range(config.members)]
 
 

@@ -11,9 +11,10 @@ from covidct.preprocess import Preprocess
 
 
 def write_checkpoint(path, name: str = "tiny", input_size: int | None = None, seed: int = 0,
-                     threshold: float = 0.5, **meta) -> Path:
+                     threshold: float = 0.5, preprocess: Preprocess | None = None, **meta) -> Path:
     """A covidct checkpoint of preset ``name`` with random weights (and, for BatchNorm, random
-    running statistics, so eval mode is not the identity), as ``covidct train`` writes it."""
+    running statistics, so eval mode is not the identity), as ``covidct train`` writes it;
+    ``preprocess`` defaults to the whole slice at the preset's input size."""
     config = preset(name)
     if input_size is not None:
         config.input_size = input_size
@@ -25,7 +26,8 @@ def write_checkpoint(path, name: str = "tiny", input_size: int | None = None, se
             module.running_var = rng.uniform(0.5, 1.5, module.running_var.shape).astype(np.float32)
             module.weight.data = rng.uniform(0.5, 1.5, module.weight.shape).astype(np.float32)
             module.bias.data = rng.normal(0, 0.1, module.bias.shape).astype(np.float32)
-    metadata = dict(model_config=config.to_dict(), preprocess=Preprocess(size=config.input_size).to_dict(),
+    preprocess = preprocess or Preprocess(size=config.input_size)
+    metadata = dict(model_config=config.to_dict(), preprocess=preprocess.to_dict(),
                     normalization={"mean": 0.4, "std": 0.25}, threshold=threshold, **meta)
     return save_checkpoint(path, model, metadata)
 

@@ -193,10 +193,11 @@ def test_two_rank_cli_run_matches_one_process_and_resumes(phantom, tmp_path):
         np.testing.assert_allclose(two_opt[key], single_opt[key], rtol=1e-4, atol=1e-6)
 
 
-def test_two_ranks_train_the_two_view_default_like_one_process(phantom, tmp_path):
-    """The default recipe's two models (whole slice, lung crop), each data-parallel over both ranks."""
+def test_two_ranks_train_the_default_views_like_one_process(phantom, tmp_path):
+    """The default recipe's two views (whole slice window-calibrated, lung crop) of one preset, each model
+    data-parallel over both ranks."""
     data, cache = phantom
-    options = dict(run_options(data, cache, epochs=1), lungs="none,crop")
+    options = dict(run_options(data, cache, epochs=1), lungs="none-window,crop")
     train(TrainConfig(out=str(tmp_path / "single"), **options), log=lambda *a: None)
     result = mpiexec(sys.executable, "-m", "covidct", "train", "--distributed", "--data", data, "--model", "default",
                      "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--augment", "none",
@@ -204,7 +205,7 @@ def test_two_ranks_train_the_two_view_default_like_one_process(phantom, tmp_path
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("member 2/2") == 1 and "an ensemble of 2 models" in result.stdout
     assert (tmp_path / "two" / "ensemble.npz").is_file()
-    for name in ("member0-none", "member0-crop"):
+    for name in ("member0-none-window", "member0-crop"):
         single, _, _ = read_checkpoint(tmp_path / "single" / name / "best.npz")
         two, _, _ = read_checkpoint(tmp_path / "two" / name / "best.npz")
         for key in single:              # float32: the two runs differ only in summation order

@@ -15,7 +15,7 @@ from conftest_models import write_checkpoint
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Every preset; the slow ones at a smaller input (the same layers and operators).
-PRESET_SIZES = [("tiny", None), ("default", 64), ("seed", 32), ("deep", 32), ("resnet18", 32)]
+PRESET_SIZES = [("tiny", None), ("default", 64), ("seed", 32), ("deep", 32), ("resnet18", 32), ("resnet-small", 32)]
 
 
 def images(size, n=3, seed=0):

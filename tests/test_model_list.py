@@ -101,3 +101,31 @@ def test_cv_trains_every_preset_per_fold_and_combines_them(tmp_path):
     ensemble, _ = load_checkpoint(tmp_path / "cv" / "ensemble.npz")
     assert len(ensemble.members) == 4
     assert "2 models (--model tiny,deep-small)" in (tmp_path / "cv" / "cv.md").read_text()
+
+
+def test_a_preset_may_take_a_view_of_its_own(tmp_path):
+    config = TrainConfig(data="x")                                                # the default recipe
+    assert (config.model, config.lungs) == ("default,deep-small,deep-small:none-equalize", "none-window,crop")
+    config.validate()
+    assert config.views == (("none", "window"), ("crop", "none"), ("none", "equalize"))
+    assert [(view, c.model, c.lungs, c.intensity, suffix) for view, c, suffix, _ in ensemble_members(config)] == [
+        (0, "default", "none", "window", "-none-window-default"),
+        (0, "deep-small", "none", "window", "-none-window-deep-small"),
+        (1, "default", "crop", "none", "-crop-default"), (1, "deep-small", "crop", "none", "-crop-deep-small"),
+        (2, "deep-small", "none", "equalize", "-none-equalize-deep-small")]
+    for bad, message in (("default,deep-small:lobes", "--model must be one of"),
+                         ("default,default:crop", "already trained on every --lungs view"),
+                         ("deep-small:crop", "for one preset among several")):
+        with pytest.raises(CovidCTError, match=message):
+            TrainConfig(data="x", model=bad, lungs="none,crop").validate()
+
+    data = write_dataset(tmp_path / "data", n=24, seed=6, size=48)
+    logs = []
+    cross_validate(tiny_train_config(data, tmp_path / "cv", epochs=1, **dict(TWO_MODELS, model="tiny,deep-small:crop")),
+                   folds=2, log=logs.append)
+    assert sum("held-out AUC" in line for line in logs) == 4                   # 2 models per fold, not 4
+    assert {path.name for path in (tmp_path / "cv").glob("r0-fold0-*")} == {"r0-fold0-none-tiny",
+                                                                             "r0-fold0-crop-deep-small"}
+    ensemble, meta = load_checkpoint(tmp_path / "cv" / "ensemble.npz")
+    assert meta["preprocess"]["lungs"] == "none,crop" and ensemble.views == [0, 1, 0, 1]
+    assert "x 2 models (--model tiny,deep-small:crop --lungs none" in (tmp_path / "cv" / "cv.md").read_text()

@@ -281,7 +281,7 @@ def test_window_calibrate_puts_lungs_and_soft_tissue_at_fixed_grays_whatever_the
 def test_preprocess_equalize_is_stored_and_changes_the_cache_key(tmp_path):
     from covidct.model import preset
     from covidct.train import TrainConfig, preprocess_for
-    pre = preprocess_for(TrainConfig(intensity="equalize"), preset("tiny"))
+    pre = preprocess_for(TrainConfig(intensity="equalize", lungs="none", model="tiny"), preset("tiny"))
     assert pre.intensity == "equalize" and Preprocess.from_dict(pre.to_dict()) == pre
     assert pre.key() != Preprocess(size=pre.size).key()
     assert Preprocess(size=32).key() == Preprocess(size=32, intensity="none").key()

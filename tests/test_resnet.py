@@ -99,6 +99,18 @@ def test_resnet18_parameter_count_names_and_shapes():
     assert abs(state["conv1.weight"].std() - np.sqrt(2 / (64 * 49))) < 0.1 * np.sqrt(2 / (64 * 49))
 
 
+def test_a_narrow_resnet10_has_every_channel_count_scaled_and_correct_gradients():
+    rng = np.random.default_rng(0)
+    model = randomise_batchnorm(mc.models.ResNet((1, 1, 1, 1), num_classes=2, in_channels=1, width=2, rng=rng), rng)
+    state = model.state_dict()
+    assert state["conv1.weight"].shape == (2, 1, 7, 7) and state["fc.weight"].shape == (2, 16)
+    assert state["layer4.0.downsample.0.weight"].shape == (16, 8, 1, 1) and "layer1.1.conv1.weight" not in state
+    model.conv1.needs_input_grad = True
+    for train in (True, False):       # batch 4: in training, layer4's BatchNorm averages 4 values of a 1x1 map
+        errors = check_module(model.train(train), rng.standard_normal((4, 1, 32, 32)))
+        assert len(errors) == 1 + len(list(model.parameters())) and max(errors.values()) <= RTOL
+
+
 def test_helpers_features_replace_fc_and_parameter_groups():
     rng = np.random.default_rng(0)
     model = randomise_batchnorm(resnet18(num_classes=10, rng=rng), rng).eval()

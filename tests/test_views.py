@@ -11,14 +11,14 @@ import pytest
 from covidct.checkpoint import load_checkpoint, read_checkpoint
 from covidct.cv import cross_validate
 from covidct.data import read_dataset
-from covidct.ensemble import Ensemble, build_ensemble, combine_probabilities
+from covidct.ensemble import Ensemble, build_ensemble, combine_probabilities, save_ensemble
 from covidct.errors import CovidCTError, DataError
 from covidct.evaluate import predict_checkpoint
 from covidct.gradcam import gradcam
 from covidct.preprocess import Preprocess, load_image
 from covidct.synthetic import write_dataset
-from covidct.train import TrainConfig
-from conftest_models import tiny_train_config, train_on_phantom
+from covidct.train import TrainConfig, ensemble_members
+from conftest_models import tiny_train_config, train_on_phantom, write_checkpoint
 
 
 def config(data, out, **overrides):
@@ -48,13 +48,61 @@ def test_a_multi_view_preprocess_stacks_one_channel_per_view(tmp_path):
     assert four.shape == (4, 32, 32)                          # lungs-major: whole, whole eq., crop, crop eq.
     np.testing.assert_array_equal(four[[0, 2]], both)
     np.testing.assert_array_equal(four[3], crop_equalized[0])
-    for bad in ("crop,crop", "none,lobes", ""):
+    for bad in ("crop,crop", "none,lobes", "", "none-lobes", "lobes-window", "none,none-none", "crop-window,crop-window"):
         with pytest.raises(DataError, match="lungs"):
             Preprocess(lungs=bad)
         with pytest.raises(CovidCTError, match="--lungs"):
             TrainConfig(data="x", lungs=bad).validate()
     with pytest.raises(CovidCTError, match="--intensity"):
         TrainConfig(data="x", intensity="none,none").validate()
+
+
+def test_a_view_may_name_its_own_intensity(tmp_path):
+    data = write_dataset(tmp_path / "data", n=6, seed=1, size=64)
+    path = read_dataset(data, "train").paths[0]
+    paired = Preprocess(size=32, resize="stretch", lungs="none-window,crop")
+    assert paired.views == (("none", "window"), ("crop", "none"))
+    assert Preprocess(lungs="none-window,crop", intensity="none,equalize").views == (
+        ("none", "window"), ("crop", "none"), ("crop", "equalize"))       # a plain entry takes every --intensity
+    both = load_image(path, paired)
+    whole_window = load_image(path, Preprocess(size=32, resize="stretch", lungs="none", intensity="window"))
+    crop = load_image(path, Preprocess(size=32, resize="stretch", lungs="crop"))
+    assert both.shape == (2, 32, 32)
+    np.testing.assert_array_equal(both[0], whole_window[0])
+    np.testing.assert_array_equal(both[1], crop[0])
+    assert not np.array_equal(whole_window, load_image(path, Preprocess(size=32, resize="stretch")))
+    config = TrainConfig(data="x", lungs="none-window,crop", model="default,deep-small")
+    config.validate()
+    plan = [(view, member.lungs, member.intensity, suffix) for view, member, suffix, _ in ensemble_members(config)]
+    assert plan == [(0, "none", "window", "-none-window-default"), (0, "none", "window", "-none-window-deep-small"),
+                    (1, "crop", "none", "-crop-default"), (1, "crop", "none", "-crop-deep-small")]
+
+
+def test_members_of_views_that_make_no_product_join_view_by_view(tmp_path):
+    def member(name, lungs, intensity="none", seed=0):
+        return write_checkpoint(tmp_path / f"{name}.npz", seed=seed, epoch=1,
+                                preprocess=Preprocess(size=32, resize="stretch", lungs=lungs, intensity=intensity))
+
+    members = [member("whole-window", "none", "window"), member("crop", "crop", seed=1)]
+    joined = save_ensemble(tmp_path / "ensemble.npz", members, threshold=0.5)
+    ensemble, meta = load_checkpoint(joined)
+    assert meta["preprocess"]["lungs"] == "none-window,crop" and ensemble.views == [0, 1]   # 2 channels, not 4
+    product = save_ensemble(tmp_path / "product.npz", [member("whole", "none"), members[1]], threshold=0.5)
+    assert load_checkpoint(product)[1]["preprocess"]["lungs"] == "none,crop"                # as before
+    x = np.stack([load_image(p, Preprocess.from_dict(meta["preprocess"]))
+                  for p in read_dataset(write_dataset(tmp_path / "data", n=6, seed=2, size=64), "train").paths])
+    alone = [predict_checkpoint(members[0], x[:, :1].copy()), predict_checkpoint(members[1], x[:, 1:].copy())]
+    np.testing.assert_allclose(predict_checkpoint(joined, x), combine_probabilities(alone), atol=1e-6)
+
+    # Grad-CAM draws every member whose view lies in channel 0's frame: the whole slice, however shown
+    members.append(member("whole-equalized", "none", "equalize", seed=2))
+    three, meta = load_checkpoint(save_ensemble(tmp_path / "three.npz", members, threshold=0.5))
+    assert meta["preprocess"]["lungs"] == "none-window,crop,none-equalize" and three.frame_views == [0, 2]
+    x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    total = sum(gradcam(three.members[i], three.member_input(x, i), target_class=1).astype(np.float64)
+                for i in (0, 2))
+    np.testing.assert_allclose(gradcam(three, x, target_class=1),
+                               total / total.max(axis=(1, 2), keepdims=True), atol=1e-5)
 
 
 def test_one_model_per_view_joined_into_one_checkpoint(views_run):
@@ -99,7 +147,7 @@ def test_the_multi_view_ensemble_on_the_command_line(views_run, tmp_path):
                        "--out", tmp_path / "cam.png", "--cache-dir", tmp_path / "cache")
     assert pictures.returncode == 0 and (tmp_path / "cam.png").is_file(), pictures.stderr
     refused = covidct("train", "--data", data, "--lungs", "crop,crop", "--out", tmp_path / "bad")
-    assert refused.returncode != 0 and "--lungs must be one of" in refused.stderr
+    assert refused.returncode != 0 and "--lungs='crop,crop': expected one of" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 

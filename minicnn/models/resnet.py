@@ -52,19 +52,22 @@ class ResNet(Module):
     ``conv1.needs_input_grad`` is False (the image needs no gradient), so
     ``backward`` returns None; set it to True for a gradient wrt the input
     (saliency maps, gradient checks).
+
+    ``width``: the channels of conv1 and layer1 (64 in torchvision); layer2..4 double
+    it each (ResNet-18 at width 16 has a sixteenth of the weights).
     """
 
     def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 1000, in_channels: int = 3, *,
-                 rng=None, dtype=np.float32):
+                 width: int = 64, rng=None, dtype=np.float32):
         rng = rng if rng is not None else init.default_rng()
-        self.num_classes, self.in_channels = num_classes, in_channels
-        self.conv1 = Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False, rng=rng, dtype=dtype)
+        self.num_classes, self.in_channels, self.width = num_classes, in_channels, width
+        self.conv1 = Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False, rng=rng, dtype=dtype)
         self.conv1.needs_input_grad = False
-        self.bn1 = BatchNorm2d(64, dtype=dtype)
+        self.bn1 = BatchNorm2d(width, dtype=dtype)
         self.relu = ReLU()
         self.maxpool = MaxPool2d(3, 2, padding=1)
-        in_planes = 64
-        for index, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        in_planes = width
+        for index, (planes, blocks) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             stride = 1 if index == 0 else 2
             layer, in_planes = make_layer(in_planes, planes, blocks, stride, rng=rng, dtype=dtype)
             setattr(self, f"layer{index + 1}", layer)
@@ -78,10 +81,10 @@ class ResNet(Module):
                                                          rng=rng, dtype=dtype)
 
     def extra_repr(self):
-        return f"num_classes={self.num_classes}, in_channels={self.in_channels}"
+        return f"num_classes={self.num_classes}, in_channels={self.in_channels}, width={self.width}"
 
     def features(self, x, *, keep_for_backward: bool = True):
-        """x (N, in_channels, H, W) -> (N, 512): everything up to and including the flatten.
+        """x (N, in_channels, H, W) -> (N, 8 * width): everything up to and including the flatten.
 
         For a frozen backbone, compute these once (in eval mode) and train only
         ``fc`` on them. ``keep_for_backward=False`` runs under ``no_grad()``:
