@@ -174,7 +174,8 @@ def build_ensemble(metadata: dict) -> Ensemble:
     from .preprocess import Preprocess
 
     members = metadata["members"]
-    n_views = len(Preprocess.from_dict(metadata["preprocess"]).views)
+    preprocess = Preprocess.from_dict(metadata["preprocess"])
+    n_views = len(preprocess.views)
     for m in members:
         if not 0 <= int(m.get("view", 0)) < n_views:
             raise CovidCTError(f"ensemble member view {m.get('view')}: expected a channel index below {n_views}")
@@ -184,4 +185,4 @@ def build_ensemble(metadata: dict) -> Ensemble:
                     tta=bool(metadata.get("tta", False)),
                     views=[int(m.get("view", 0)) for m in members] if multiview else None,
                     combine=metadata.get("combine", "mean"),
-                    frame_views=Preprocess.from_dict(metadata["preprocess"]).frame_views)
+                    frame_views=preprocess.frame_views)
