@@ -109,6 +109,13 @@ def run_cv(args) -> int:
     return 0
 
 
+def run_cv_join(args) -> int:
+    from .cv import format_cv_table, join_runs
+
+    print(format_cv_table(join_runs(args.runs, args.target_sensitivity)))
+    return 0
+
+
 def run_train(args, comm=None) -> int:
     from .train import TrainConfig, train
 
@@ -303,6 +310,9 @@ EXAMPLES = {
           "  covidct cv --data ../shared/covid-ct --lungs crop --model default --jobs 2   # one model per fold\n"
           "  covidct cv --resume runs/cv-default-covid-ct --jobs 2     # continue a stopped run\n"
           "  covidct evaluate --checkpoint runs/cv-default-covid-ct/ensemble.npz --data ../shared/covid-ct --split val",
+    "cv-join": "examples:\n  covidct cv --data ../shared/covid-ct --lungs none-window --model default --out runs/cv-w\n"
+               "  covidct cv --data ../shared/covid-ct --lungs crop --model default --out runs/cv-c\n"
+               "  covidct cv-join runs/cv-w runs/cv-c     # both models per fold, as one ensemble would score",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
                 "--out runs/ssl-default\n"
                 "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",
@@ -355,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "training images, for covidct train --pretrained"), PretrainConfig)
     add_cv_arguments(command("cv", "k-fold cross-validation over train + val (folds grouped by source): "
                              "out-of-fold metrics and a fold-ensemble checkpoint"))
+
+    join = command("cv-join", "the OOF metrics of finished cross-validations joined as one ensemble (mean of "
+                   "their log-odds), without retraining: choose members by cross-validation")
+    join.add_argument("runs", nargs="+", metavar="RUN", help="covidct cv run folders of one fold draw (the same "
+                      "--data, --seed, --folds and --repeats)")
+    join.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
+                      help="choose the threshold on the joined OOF predictions to reach this COVID sensitivity "
+                           "(default: Youden's J)")
 
     evaluate = command("evaluate", "evaluate a checkpoint on a split: the report's metrics, ROC and confusion plots")
     evaluate.add_argument("--checkpoint", required=True)
@@ -445,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RUNNERS = {"train": run_train, "cv": run_cv, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
+RUNNERS = {"train": run_train, "cv": run_cv, "cv-join": run_cv_join, "pretrain": run_pretrain, "evaluate": run_evaluate, "predict": run_predict, "synth": run_synth,
            "describe": run_describe, "viz": run_viz}
 RUNNERS.update(export=run_export, serve=run_serve)
 

@@ -2,6 +2,7 @@
 
     grouped_folds(labels, groups, k, seed)    -> fold number of every slice
     cross_validate(config, folds=5, ...)      -> out-of-fold predictions, metrics, fold ensemble
+    join_runs([run_dir, run_dir, ...])        -> the metrics of finished runs' models joined, offline
 
 Why grouped: COVID-CT's slices were cut out of papers, often several from one
 paper (one patient, one scanner, one figure style). If slices of one source sat on
@@ -19,14 +20,20 @@ drawn R times (different seeds) and each slice's OOF probability is the mean ove
 repeats. With config.tta (the default; --no-tta) each model scores the slice and its
 mirror image, joined like ensemble members. With --members M,
 several --lungs views V or several --model presets P (recipe options, as in covidct train;
-the default: V = 2, P = 2) every fold trains M x V x P models (seeds: weights, order,
-augmentation; views: whole slice, lung crop; presets: default, deep-small), and the
+the default: five models, covidct.train.ensemble_members) every fold trains M x V x P models
+(seeds: weights, order, augmentation; views: whole slice, lung crop; presets: default,
+deep-small; a PRESET:VIEW entry adds one model on its own view), and the
 fold's held-out probability is their combination as the ensemble makes it (the
 normalised geometric mean, covidct.ensemble): the OOF figures then measure the
 ensemble the way it would be used. The decision threshold is chosen once on all OOF
 predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
 reported per fold as mean +/- sd. The k x M x V x P fold models of the first repeat are
 saved as one ensemble checkpoint that evaluate and predict take like any other.
+
+Choosing members without retraining: runs of one fold draw (the same data, --seed, --folds
+and --repeats) hold out the same slices, so their OOF predictions can be joined the way an
+ensemble of their models would join them (``join_runs``, ``covidct cv-join RUN RUN ...``): that
+is how the default recipe's members were chosen.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
 (config, folds, repeats) is read back from RUN/config.json, a fold model whose
@@ -306,6 +313,61 @@ def summarize(labels, scores, oof, fold_table, threshold: float, rule: str) -> d
             "pooled_auc_ci95": [low, high], "per_fold": summary}
 
 
+def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
+    """Join finished cross-validations offline: each slice's OOF P(COVID) becomes the normalised
+    geometric mean of the runs' (the mean of their log-odds, as an ensemble of their fold models
+    combines them), then the metrics of ``cross_validate``. The runs must have held out the same
+    slices in the same folds (one --data, --seed, --folds and --repeats); anything else is refused,
+    since joined predictions from other folds would be neither out-of-fold nor an ensemble."""
+    import pandas as pd
+
+    from .ensemble import combine_probabilities
+
+    if len(run_dirs) < 2:
+        raise CovidCTError(f"cv-join: give two or more cross-validation runs to join, got {len(run_dirs)}")
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise CovidCTError(f"--target-sensitivity {target_sensitivity}: expected a fraction in (0, 1]")
+    frames = []
+    for run in run_dirs:
+        path = Path(run) / "oof.csv"
+        if not path.is_file():
+            raise CovidCTError(f"{path}: no such file; expected the folder of a finished `covidct cv` run")
+        try:
+            frame = pd.read_csv(path)
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CovidCTError(f"{path}: not a readable CSV table ({reason})") from None
+        numeric = [c for c in frame.columns if c == "label" or c.startswith(("fold_r", "p_covid_r"))]
+        missing = {"file", "label", "source", "fold_r0", "p_covid_r0"} - set(frame.columns)
+        if missing or frame.empty or not all(pd.api.types.is_numeric_dtype(frame[c]) for c in numeric):
+            raise CovidCTError(f"{path}: not the oof.csv of a covidct cv run (expected rows with the columns "
+                               f"file, label, source, fold_r0, p_covid_r0, ..., numbers but for file and source)")
+        frames.append(frame.sort_values("file", kind="stable").reset_index(drop=True))
+    first = frames[0]
+    fold_columns = [column for column in first.columns if column.startswith("fold_r")]
+    for run, frame in zip(run_dirs[1:], frames[1:]):
+        if len(frame) != len(first) or (frame["file"].values != first["file"].values).any() \
+                or (frame["label"].values != first["label"].values).any():
+            raise CovidCTError(f"{run}: its slices differ from those of {run_dirs[0]}; join runs on the same --data")
+        if [c for c in frame.columns if c.startswith("fold_r")] != fold_columns \
+                or (frame[fold_columns].values != first[fold_columns].values).any():
+            raise CovidCTError(f"{run}: its folds differ from those of {run_dirs[0]}; join runs with the same "
+                               f"--seed, --folds and --repeats")
+    labels = first["label"].values.astype(np.int64)
+    fold_table = first[fold_columns].values.T.astype(np.int64)                  # (repeats, N)
+    oof = np.stack([combine_probabilities([frame[f"p_covid_r{repeat}"].values for frame in frames])
+                    for repeat in range(len(fold_columns))])                     # (repeats, N)
+    if not np.isfinite(oof).all():
+        raise CovidCTError(f"cv-join: a run holds slices without an out-of-fold probability; finish it first "
+                           f"(covidct cv --resume RUN)")
+    scores = oof.mean(axis=0)
+    threshold, rule = choose_oof_threshold(labels, scores, target_sensitivity)
+    result = summarize(labels, scores, oof, fold_table, threshold, rule)
+    result.update(runs=[str(run) for run in run_dirs], folds=int(fold_table.max()) + 1, repeats=len(fold_columns),
+                  n_sources=int(first["source"].nunique()))
+    return result
+
+
 def write_oof(path: Path, paths, labels, groups, fold_table, oof, scores) -> None:
     import pandas as pd
 
@@ -337,11 +399,16 @@ def format_cv_table(result: dict) -> str:
     config = result.get("config", {})
     from .train import TrainConfig
 
-    recipe = TrainConfig(data="", members=result.get("members", 1), **{key: config.get(key, "none") for key in
-                                                                          ("lungs", "intensity")},
-                         model=config.get("model", "default"))
-    lines = [f"Cross-validation: {result.get('folds')} folds x {result.get('repeats')} repeats{recipe_text(recipe)}, "
-             f"{result.get('n_sources')} sources; threshold {result['threshold']:.3f} ({result['threshold_rule']})", "",
+    plan = f"{result.get('folds')} folds x {result.get('repeats')} repeats"
+    if "runs" in result:                                  # join_runs
+        what = f"{len(result['runs'])} cross-validations joined ({', '.join(result['runs'])}): {plan}"
+    else:
+        recipe = TrainConfig(data="", members=result.get("members", 1), **{key: config.get(key, "none") for key in
+                                                                              ("lungs", "intensity")},
+                             model=config.get("model", "default"))
+        what = f"Cross-validation: {plan}{recipe_text(recipe)}"
+    lines = [f"{what}, {result.get('n_sources')} sources; threshold {result['threshold']:.3f} "
+             f"({result['threshold_rule']})", "",
              "| metric | per fold (mean +/- sd) | pooled out-of-fold |", "|---|---|---|",
              f"| ROC AUC | {fold['auc']['mean']:.3f} +/- {fold['auc']['sd']:.3f} | {pooled['auc']:.3f} "
              f"(95 % CI {low:.3f}-{high:.3f}) |"]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from covidct.checkpoint import load_checkpoint
-from covidct.cv import cross_validate, grouped_folds, slice_groups, source_group, youden_threshold
+from covidct.cv import (cross_validate, format_cv_table, grouped_folds, join_runs, slice_groups, source_group,
+                        youden_threshold)
 from covidct.ensemble import Ensemble, combine_probabilities
 from covidct.errors import CovidCTError
 from covidct.evaluate import predict_proba, softmax
@@ -151,6 +152,43 @@ def test_members_average_seeds_per_fold(cv_run, tmp_path):
     assert "2 seeds per fold" in (tmp_path / "two" / "cv.md").read_text()
     with pytest.raises(CovidCTError, match="--members must be >= 1"):
         cross_validate(replace(config, out=str(tmp_path / "none"), members=0), folds=2)
+
+
+def test_cv_join_scores_finished_runs_as_their_ensemble(cv_run, tmp_path, capsys):
+    """Joining a whole-slice and a lung-crop CV of one fold draw gives what a two-view CV run measures
+    (its models are the same models); runs of other folds or other data, and broken files, are refused
+    with one line."""
+    import pandas as pd
+    from dataclasses import replace
+    from covidct.cli import main
+    config, _, _ = cv_run
+    quiet = lambda *_: None
+    for name, lungs in (("whole", "none"), ("crop", "crop"), ("both", "none,crop")):
+        cross_validate(replace(config, out=str(tmp_path / name), lungs=lungs, extra_data=()), folds=2, log=quiet)
+    both = json.loads((tmp_path / "both" / "cv.json").read_text())
+    joined = join_runs([tmp_path / "whole", tmp_path / "crop"])
+    assert joined["pooled"]["auc"] == pytest.approx(both["pooled"]["auc"], abs=1e-9)
+    assert joined["threshold"] == pytest.approx(both["threshold"], abs=1e-9)
+    assert joined["per_fold"]["accuracy"]["values"] == pytest.approx(both["per_fold"]["accuracy"]["values"])
+    assert joined["folds"] == 2 and joined["repeats"] == 1
+    assert format_cv_table(joined).startswith("2 cross-validations joined")
+    assert join_runs([tmp_path / "whole", tmp_path / "crop"], target_sensitivity=1.0)["pooled"]["sensitivity"] == 1.0
+
+    oof = pd.read_csv(tmp_path / "whole" / "oof.csv")
+    (tmp_path / "moved").mkdir()
+    oof.assign(fold_r0=1 - oof["fold_r0"]).to_csv(tmp_path / "moved" / "oof.csv", index=False)
+    (tmp_path / "fewer").mkdir()
+    oof.iloc[1:].to_csv(tmp_path / "fewer" / "oof.csv", index=False)
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "oof.csv").write_bytes(bytes(range(256)))
+    assert main(["cv-join", str(tmp_path / "whole"), str(tmp_path / "crop")]) == 0
+    assert "2 cross-validations joined" in capsys.readouterr().out
+    for runs, message in [(["moved"], "its folds differ"), (["fewer"], "its slices differ"),
+                          (["garbage"], "not a readable CSV table"), (["nowhere"], "no such file"),
+                          ([], "give two or more")]:
+        assert main(["cv-join", str(tmp_path / "whole"), *(str(tmp_path / run) for run in runs)]) == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
 
 
 def test_extra_data_pretrain_mode_trains_a_start_once(cv_run, tmp_path):
