@@ -338,7 +338,9 @@ def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CovidCTError(f"{path}: not a readable CSV table ({reason})") from None
         numeric = [c for c in frame.columns if c == "label" or c.startswith(("fold_r", "p_covid_r"))]
-        missing = {"file", "label", "source", "fold_r0", "p_covid_r0"} - set(frame.columns)
+        repeats = [column[len("fold_r"):] for column in frame.columns if column.startswith("fold_r")]
+        missing = ({"file", "label", "source", "fold_r0", "p_covid_r0"}
+                   | {f"p_covid_r{repeat}" for repeat in repeats}) - set(frame.columns)
         if missing or frame.empty or not all(pd.api.types.is_numeric_dtype(frame[c]) for c in numeric):
             raise CovidCTError(f"{path}: not the oof.csv of a covidct cv run (expected rows with the columns "
                                f"file, label, source, fold_r0, p_covid_r0, ..., numbers but for file and source)")

@@ -161,7 +161,11 @@ def test_cv_join_scores_finished_runs_as_their_ensemble(cv_run, tmp_path, capsys
     import pandas as pd
     from dataclasses import replace
     from covidct.cli import main
-    config, _, _ = cv_run
+    config, result, _ = cv_run
+    itself = join_runs([config.out, config.out])               # 3 folds x 2 repeats, joined with itself
+    assert (itself["folds"], itself["repeats"]) == (3, 2)
+    assert itself["pooled"]["auc"] == pytest.approx(result["pooled"]["auc"], abs=1e-12)
+    assert itself["threshold"] == pytest.approx(result["threshold"], abs=1e-12)
     quiet = lambda *_: None
     for name, lungs in (("whole", "none"), ("crop", "crop"), ("both", "none,crop")):
         cross_validate(replace(config, out=str(tmp_path / name), lungs=lungs, extra_data=()), folds=2, log=quiet)
