@@ -316,9 +316,10 @@ def summarize(labels, scores, oof, fold_table, threshold: float, rule: str) -> d
 def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
     """Join finished cross-validations offline: each slice's OOF P(COVID) becomes the normalised
     geometric mean of the runs' (the mean of their log-odds, as an ensemble of their fold models
-    combines them), then the metrics of ``cross_validate``. The runs must have held out the same
-    slices in the same folds (one --data, --seed, --folds and --repeats); anything else is refused,
-    since joined predictions from other folds would be neither out-of-fold nor an ensemble."""
+    combines them; a run of several models per fold counts once, as its own ensemble), then the
+    metrics of ``cross_validate``. The runs must have held out the same slices in the same folds
+    (one --data, --seed, --folds and --repeats); anything else is refused, since joined predictions
+    from other folds would be neither out-of-fold nor an ensemble."""
     import pandas as pd
 
     from .ensemble import combine_probabilities
