@@ -313,6 +313,16 @@ def summarize(labels, scores, oof, fold_table, threshold: float, rule: str) -> d
             "pooled_auc_ci95": [low, high], "per_fold": summary}
 
 
+def fold_columns_of(oof_frame) -> list[str]:
+    """The fold columns of an oof.csv table (write_oof): fold_r0, fold_r1, ..., one per repeat."""
+    return [column for column in oof_frame.columns if column.startswith("fold_r")]
+
+
+def probability_column(fold_column: str) -> str:
+    """The OOF probability column of a repeat: fold_r1 -> p_covid_r1."""
+    return "p_covid_r" + fold_column[len("fold_r"):]
+
+
 def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
     """Join finished cross-validations offline: each slice's OOF P(COVID) becomes the normalised
     geometric mean of the runs' (the mean of their log-odds, as an ensemble of their fold models
@@ -339,27 +349,26 @@ def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CovidCTError(f"{path}: not a readable CSV table ({reason})") from None
         numeric = [c for c in frame.columns if c == "label" or c.startswith(("fold_r", "p_covid_r"))]
-        repeats = [column[len("fold_r"):] for column in frame.columns if column.startswith("fold_r")]
         missing = ({"file", "label", "source", "fold_r0", "p_covid_r0"}
-                   | {f"p_covid_r{repeat}" for repeat in repeats}) - set(frame.columns)
+                   | {probability_column(fold) for fold in fold_columns_of(frame)}) - set(frame.columns)
         if missing or frame.empty or not all(pd.api.types.is_numeric_dtype(frame[c]) for c in numeric):
             raise CovidCTError(f"{path}: not the oof.csv of a covidct cv run (expected rows with the columns "
                                f"file, label, source, fold_r0, p_covid_r0, ..., numbers but for file and source)")
         frames.append(frame.sort_values("file", kind="stable").reset_index(drop=True))
     first = frames[0]
-    fold_columns = [column for column in first.columns if column.startswith("fold_r")]
+    fold_columns = fold_columns_of(first)                                     # fold_r0, fold_r1, ...: one per repeat
     for run, frame in zip(run_dirs[1:], frames[1:]):
         if len(frame) != len(first) or (frame["file"].values != first["file"].values).any() \
                 or (frame["label"].values != first["label"].values).any():
             raise CovidCTError(f"{run}: its slices differ from those of {run_dirs[0]}; join runs on the same --data")
-        if [c for c in frame.columns if c.startswith("fold_r")] != fold_columns \
+        if fold_columns_of(frame) != fold_columns \
                 or (frame[fold_columns].values != first[fold_columns].values).any():
             raise CovidCTError(f"{run}: its folds differ from those of {run_dirs[0]}; join runs with the same "
                                f"--seed, --folds and --repeats")
     labels = first["label"].values.astype(np.int64)
     fold_table = first[fold_columns].values.T.astype(np.int64)                  # (repeats, N)
-    oof = np.stack([combine_probabilities([frame[f"p_covid_r{repeat}"].values for frame in frames])
-                    for repeat in range(len(fold_columns))])                     # (repeats, N)
+    oof = np.stack([combine_probabilities([frame[probability_column(fold)].values for frame in frames])
+                    for fold in fold_columns])                                   # (repeats, N)
     if not np.isfinite(oof).all():
         raise CovidCTError(f"cv-join: a run holds slices without an out-of-fold probability; finish it first "
                            f"(covidct cv --resume RUN)")
