@@ -312,7 +312,8 @@ EXAMPLES = {
           "  covidct evaluate --checkpoint runs/cv-default-covid-ct/ensemble.npz --data ../shared/covid-ct --split val",
     "cv-join": "examples:\n  covidct cv --data ../shared/covid-ct --lungs none-window --model default --out runs/cv-w\n"
                "  covidct cv --data ../shared/covid-ct --lungs crop --model default --out runs/cv-c\n"
-               "  covidct cv-join runs/cv-w runs/cv-c     # both models per fold, as one ensemble would score",
+               "  covidct cv-join runs/cv-w runs/cv-c     # both models per fold, as one ensemble would score\n"
+               "  covidct cv-join runs/cv-default-covid-ct:none-window-default runs/cv-c   # one model of a run's five",
     "pretrain": "examples:\n  covidct pretrain --data ../shared/covid-ct --model default --epochs 30 "
                 "--out runs/ssl-default\n"
                 "  covidct train --data ../shared/covid-ct --model default --pretrained runs/ssl-default/pretrained.npz",
@@ -369,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     join = command("cv-join", "the OOF metrics of finished cross-validations joined as one ensemble (mean of "
                    "their log-odds), without retraining: choose members by cross-validation")
     join.add_argument("runs", nargs="+", metavar="RUN", help="covidct cv run folders of one fold draw (the same "
-                      "--data, --seed, --folds and --repeats)")
+                      "--data, --seed, --folds and --repeats); RUN:MODEL takes one model of a run of several (MODEL: "
+                      "what follows r0-fold0- in its fold folders, e.g. crop-deep-small)")
     join.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
                       help="choose the threshold on the joined OOF predictions to reach this COVID sensitivity "
                            "(default: Youden's J)")

@@ -32,8 +32,8 @@ saved as one ensemble checkpoint that evaluate and predict take like any other.
 
 Choosing members without retraining: runs of one fold draw (the same data, --seed, --folds
 and --repeats) hold out the same slices, so their OOF predictions can be joined the way an
-ensemble of their models would join them (``join_runs``, ``covidct cv-join RUN RUN ...``): that
-is how the default recipe's members were chosen.
+ensemble of their models would join them (``join_runs``, ``covidct cv-join RUN RUN ...``; RUN:MODEL
+for one model of a run of several): that is how the default recipe's members were chosen.
 
 A stopped run continues with ``resume=True`` (``covidct cv --resume RUN``): the plan
 (config, folds, repeats) is read back from RUN/config.json, a fold model whose
@@ -323,15 +323,78 @@ def probability_column(fold_column: str) -> str:
     return "p_covid_r" + fold_column[len("fold_r"):]
 
 
+def model_names(run_dir) -> list[str]:
+    """The models of a multi-model run that can be joined alone: the part after ``r0-fold0-`` of its
+    fold folders (``none-window-default``, ``crop-deep-small``, ``m1-crop``, ...)."""
+    return sorted(path.name[len("r0-fold0-"):] for path in Path(run_dir).glob("r0-fold0-*") if path.is_dir())
+
+
+def _read_oof(path: Path):
+    """A run's oof.csv as a table sorted by file, or a one-line CovidCTError."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise CovidCTError(f"{path}: no such file; expected the folder of a finished `covidct cv` run")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CovidCTError(f"{path}: not a readable CSV table ({reason})") from None
+    numeric = [c for c in frame.columns if c == "label" or c.startswith(("fold_r", "p_covid_r"))]
+    missing = ({"file", "label", "source", "fold_r0", "p_covid_r0"}
+               | {probability_column(fold) for fold in fold_columns_of(frame)}) - set(frame.columns)
+    if missing or frame.empty or not all(pd.api.types.is_numeric_dtype(frame[c]) for c in numeric):
+        raise CovidCTError(f"{path}: not the oof.csv of a covidct cv run (expected rows with the columns "
+                           f"file, label, source, fold_r0, p_covid_r0, ..., numbers but for file and source)")
+    return frame.sort_values("file", kind="stable").reset_index(drop=True)
+
+
+def _model_oof(run_dir: Path, model: str, frame):
+    """``frame`` (the run's oof.csv) with its OOF probabilities replaced by those of one of the run's
+    models: r<R>-fold<F>-<model>/heldout.csv of every repeat R and fold F."""
+    import pandas as pd
+
+    frame = frame.copy()
+    for fold_column in fold_columns_of(frame):
+        repeat = fold_column[len("fold_r"):]
+        column = probability_column(fold_column)
+        frame[column] = np.nan
+        for fold in np.unique(frame[fold_column]):
+            saved = run_dir / f"r{repeat}-fold{fold}-{model}" / "heldout.csv"
+            if not saved.is_file():
+                names = model_names(run_dir)
+                known = f"its models: {', '.join(names)}" if names else "it trains one model per fold: join it whole"
+                raise CovidCTError(f"{run_dir}:{model}: no held-out predictions in {saved} ({known})")
+            try:
+                held = pd.read_csv(saved)
+                probability = dict(zip(held["file"], held["p_covid"].astype(np.float64)))
+            except (ValueError, KeyError, UnicodeDecodeError, pd.errors.ParserError):
+                raise CovidCTError(f"{saved}: not the heldout.csv of a covidct cv fold (expected the columns "
+                                   f"file, p_covid)") from None
+            rows = frame[fold_column] == fold
+            if set(probability) != set(frame.loc[rows, "file"]):
+                raise CovidCTError(f"{saved}: its slices are not those of fold {fold} in {run_dir / 'oof.csv'}")
+            frame.loc[rows, column] = frame.loc[rows, "file"].map(probability)
+    return frame
+
+
+def _run_and_model(entry) -> tuple[Path, str | None]:
+    """A cv-join argument: RUN (a run folder) or RUN:MODEL (one model of a multi-model run)."""
+    path = Path(entry)
+    if path.is_dir() or ":" not in str(entry):
+        return path, None
+    run, model = str(entry).rsplit(":", 1)
+    return Path(run), model
+
+
 def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
     """Join finished cross-validations offline: each slice's OOF P(COVID) becomes the normalised
     geometric mean of the runs' (the mean of their log-odds, as an ensemble of their fold models
-    combines them; a run of several models per fold counts once, as its own ensemble), then the
-    metrics of ``cross_validate``. The runs must have held out the same slices in the same folds
-    (one --data, --seed, --folds and --repeats); anything else is refused, since joined predictions
-    from other folds would be neither out-of-fold nor an ensemble."""
-    import pandas as pd
-
+    combines them; a run of several models per fold counts once, as its own ensemble; ``RUN:MODEL``
+    takes one model of such a run, ``model_names``), then the metrics of ``cross_validate``. The
+    runs must have held out the same slices in the same folds (one --data, --seed, --folds and
+    --repeats); anything else is refused, since joined predictions from other folds would be
+    neither out-of-fold nor an ensemble."""
     from .ensemble import combine_probabilities
 
     if len(run_dirs) < 2:
@@ -339,22 +402,10 @@ def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise CovidCTError(f"--target-sensitivity {target_sensitivity}: expected a fraction in (0, 1]")
     frames = []
-    for run in run_dirs:
-        path = Path(run) / "oof.csv"
-        if not path.is_file():
-            raise CovidCTError(f"{path}: no such file; expected the folder of a finished `covidct cv` run")
-        try:
-            frame = pd.read_csv(path)
-        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CovidCTError(f"{path}: not a readable CSV table ({reason})") from None
-        numeric = [c for c in frame.columns if c == "label" or c.startswith(("fold_r", "p_covid_r"))]
-        missing = ({"file", "label", "source", "fold_r0", "p_covid_r0"}
-                   | {probability_column(fold) for fold in fold_columns_of(frame)}) - set(frame.columns)
-        if missing or frame.empty or not all(pd.api.types.is_numeric_dtype(frame[c]) for c in numeric):
-            raise CovidCTError(f"{path}: not the oof.csv of a covidct cv run (expected rows with the columns "
-                               f"file, label, source, fold_r0, p_covid_r0, ..., numbers but for file and source)")
-        frames.append(frame.sort_values("file", kind="stable").reset_index(drop=True))
+    for entry in run_dirs:
+        run, model = _run_and_model(entry)
+        frame = _read_oof(run / "oof.csv")
+        frames.append(frame if model is None else _model_oof(run, model, frame))
     first = frames[0]
     fold_columns = fold_columns_of(first)                                     # fold_r0, fold_r1, ...: one per repeat
     for run, frame in zip(run_dirs[1:], frames[1:]):

@@ -44,6 +44,7 @@ from .lungs import lung_mask, otsu_threshold  # noqa: F401  (re-exported)
 RESNET_STAGES = list(BACKBONE) + list(HEAD)
 
 __all__ = ["gradcam", "default_layer_index", "feature_maps", "lung_mask", "otsu_threshold", "mass_inside",
+           "mass_by_distance",
            "resize_map"]
 
 # Layers after which the spatial layout is gone (a vector per image).
@@ -228,3 +229,24 @@ def mass_inside(heatmap, mask) -> float:
     heatmap = np.asarray(heatmap, dtype=np.float64)
     total = heatmap.sum()
     return float(heatmap[np.asarray(mask, bool)].sum() / total) if total > 0 else float("nan")
+
+
+DISTANCE_BANDS = (1, 3, 6, 12)     # band edges in input pixels outside the mask (0 = inside)
+
+
+def mass_by_distance(heatmap, mask, edges=DISTANCE_BANDS) -> tuple[np.ndarray, np.ndarray]:
+    """Where the heat lies relative to a mask: (heat share, area share) per band of distance from it,
+    bands [inside, (0, e1], (e1, e2], ..., > e_last] in pixels (nan heat for an all-zero heatmap).
+    Heat shares equal to the area shares mean a heatmap spread evenly; heat outside that hugs the
+    mask (the first bands) is evidence on the mask's edge, far bands the image's corners and borders."""
+    from scipy import ndimage
+
+    heatmap, mask = np.asarray(heatmap, dtype=np.float64), np.asarray(mask, bool)
+    distance = ndimage.distance_transform_edt(~mask)                  # 0 inside the mask
+    band = np.digitize(distance, edges, right=True) + (distance > 0)  # 0 inside, 1 for (0, e1], ...
+    count = len(edges) + 2
+    area = np.bincount(band.ravel(), minlength=count) / band.size
+    total = heatmap.sum()
+    heat = np.bincount(band.ravel(), weights=heatmap.ravel(), minlength=count) / total if total > 0 \
+        else np.full(count, np.nan)
+    return heat, area

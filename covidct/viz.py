@@ -30,7 +30,7 @@ import minicnn as mc  # noqa: E402
 
 from . import CLASS_NAMES, COVID  # noqa: E402
 from .errors import CovidCTError  # noqa: E402
-from .gradcam import feature_maps, gradcam, mass_inside  # noqa: E402
+from .gradcam import DISTANCE_BANDS, feature_maps, gradcam, mass_by_distance, mass_inside  # noqa: E402
 
 __all__ = ["HAND_KERNELS", "hand_kernel_conv", "apply_hand_kernels", "plot_filters", "plot_feature_maps",
            "plot_hand_kernels", "plot_gradcam_grid", "plot_gradcam_overlay", "select_examples", "gradcam_grid",
@@ -354,6 +354,7 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     masks = np.stack([mask if mask is not None else np.zeros(images.shape[2:], bool) for mask in found])
     area = masks.mean(axis=(1, 2))
     inside = np.array([mass_inside(h, m) if ok else np.nan for h, m, ok in zip(heatmaps, masks, usable)])
+    bands = [mass_by_distance(h, m) for h, m, ok in zip(heatmaps, masks, usable) if ok]
 
     def cam_summary(select):
         share = inside[select]
@@ -368,6 +369,11 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
            CLASS_NAMES[COVID]: cam_summary(labels == COVID), CLASS_NAMES[1 - COVID]: cam_summary(labels != COVID),
            "correct": cam_summary(predicted == labels), "wrong": cam_summary(predicted != labels),
            "masks_failed": int((~usable).sum()), "zero_heatmaps": int((heatmaps.reshape(len(labels), -1).max(1) == 0).sum())}
+    if bands:                                 # where the heat lies: inside, then bands of distance from the lungs
+        heat = np.array([h for h, _ in bands])
+        cam["by_distance"] = {"edges_px": list(DISTANCE_BANDS),
+                              "heat": [_nanmean(column) for column in heat.T],
+                              "area": [float(a) for a in np.mean([a for _, a in bands], axis=0)]}
 
     # (b) the same images, each in the other class's file format.
     target_format = {COVID: "JPEG", 1 - COVID: "PNG"}
@@ -441,8 +447,18 @@ def shortcut_markdown(result: dict) -> str:
                      f"{_pct(row['lung_mask_area'])} |")
     lines += ["", f"Lung mask failed (< 2% of the slice) on {cam['masks_failed']} images; "
               f"{cam['zero_heatmaps']} heatmaps were all zero. A share well above the mask's area means "
-              "the evidence concentrates on the lungs; near or below it means it does not.", "",
-              "## (b) Every image re-encoded in the other class's format", "",
+              "the evidence concentrates on the lungs; near or below it means it does not.", ""]
+    if "by_distance" in cam:
+        edges = cam["by_distance"]["edges_px"]
+        names = ["inside the lungs", f"up to {edges[0]} px outside"] + \
+            [f"{a}-{b} px outside" for a, b in zip(edges, edges[1:])] + [f"over {edges[-1]} px outside"]
+        lines += ["Where the heat lies, by distance from the lung mask (pixels of the model's input; heat outside "
+                  "that hugs the mask is evidence on the lungs' edge, the far bands are the body wall, table and "
+                  "corners):", "", "| band | heat | area (uniform baseline) |", "|---|---|---|"]
+        lines += [f"| {name} | {_pct(heat)} | {_pct(area)} |"
+                  for name, heat, area in zip(names, cam["by_distance"]["heat"], cam["by_distance"]["area"])]
+        lines.append("")
+    lines += ["## (b) Every image re-encoded in the other class's format", "",
               f"COVID -> {swap['formats'][CLASS_NAMES[COVID]]['to']} (quality {swap['jpeg_quality']}), "
               f"non-COVID -> {swap['formats'][CLASS_NAMES[1 - COVID]]['to']}; same preprocessing.", "",
               "| files | accuracy | AUC | sensitivity | specificity |", "|---|---|---|---|---|"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from covidct.checkpoint import load_checkpoint
-from covidct.cv import (cross_validate, format_cv_table, grouped_folds, join_runs, slice_groups, source_group,
-                        youden_threshold)
+from covidct.cv import (cross_validate, format_cv_table, grouped_folds, join_runs, model_names, slice_groups,
+                        source_group, youden_threshold)
 from covidct.ensemble import Ensemble, combine_probabilities
 from covidct.errors import CovidCTError
 from covidct.evaluate import predict_proba, softmax
@@ -177,6 +177,14 @@ def test_cv_join_scores_finished_runs_as_their_ensemble(cv_run, tmp_path, capsys
     assert joined["folds"] == 2 and joined["repeats"] == 1
     assert format_cv_table(joined).startswith("2 cross-validations joined")
     assert join_runs([tmp_path / "whole", tmp_path / "crop"], target_sensitivity=1.0)["pooled"]["sensitivity"] == 1.0
+    # RUN:MODEL, one model of a multi-model run: the two-view run's models are the single-view runs' models
+    assert model_names(tmp_path / "both") == ["crop", "none"]
+    by_model = join_runs([f"{tmp_path / 'both'}:none", f"{tmp_path / 'both'}:crop"])
+    assert by_model["pooled"] == pytest.approx(both["pooled"])
+    assert by_model["threshold"] == pytest.approx(both["threshold"])
+    whole = json.loads((tmp_path / "whole" / "cv.json").read_text())
+    assert join_runs([f"{tmp_path / 'both'}:none", tmp_path / "whole"])["pooled"]["auc"] == \
+        pytest.approx(whole["pooled"]["auc"], abs=1e-12)
 
     oof = pd.read_csv(tmp_path / "whole" / "oof.csv")
     (tmp_path / "moved").mkdir()
@@ -189,7 +197,8 @@ def test_cv_join_scores_finished_runs_as_their_ensemble(cv_run, tmp_path, capsys
     assert "2 cross-validations joined" in capsys.readouterr().out
     for runs, message in [(["moved"], "its folds differ"), (["fewer"], "its slices differ"),
                           (["garbage"], "not a readable CSV table"), (["nowhere"], "no such file"),
-                          ([], "give two or more")]:
+                          ([], "give two or more"), (["both:lungs"], "its models: crop, none"),
+                          (["whole:crop"], "trains one model per fold")]:
         assert main(["cv-join", str(tmp_path / "whole"), *(str(tmp_path / run) for run in runs)]) == 2
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1, error

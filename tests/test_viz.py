@@ -13,7 +13,7 @@ from scipy import ndimage
 import minicnn as mc
 from covidct import COVID
 from covidct.cli import main
-from covidct.gradcam import default_layer_index, feature_maps, gradcam, lung_mask, mass_inside
+from covidct.gradcam import default_layer_index, feature_maps, gradcam, lung_mask, mass_by_distance, mass_inside
 from covidct.model import build_model, preset
 from covidct.preprocess import Preprocess, load_image, to_gray
 from covidct.synthetic import make_slice, write_dataset
@@ -151,6 +151,21 @@ def test_lung_mask_covers_the_dark_lungs_and_not_the_outside_air(label, seed):
     assert mass_inside(mask.astype(float), mask) == 1.0 and np.isnan(mass_inside(np.zeros_like(image), mask))
 
 
+def test_mass_by_distance_puts_heat_in_bands_around_the_mask():
+    """Bands: inside, (0, 1], (1, 3], (3, 6], (6, 12], > 12 pixels from a 10x10 square in a 40x40 image."""
+    mask = np.zeros((40, 40), bool)
+    mask[15:25, 15:25] = True
+    even_heat, area = mass_by_distance(np.ones((40, 40)), mask)
+    assert area.sum() == pytest.approx(1) and area[0] == pytest.approx(100 / 1600)
+    assert even_heat == pytest.approx(area)                      # an even spread: each band its area's share
+    ring = np.zeros((40, 40))
+    ring[12, 15:25] = 1.0                                        # 3 rows above the square: band (1, 3]
+    ring[0, 0] = 1.0                                             # the corner: > 12 px away
+    heat, _ = mass_by_distance(ring, mask)
+    assert heat == pytest.approx([0, 0, 10 / 11, 0, 0, 1 / 11])
+    assert np.isnan(mass_by_distance(np.zeros((40, 40)), mask)[0]).all()
+
+
 def test_lung_mask_of_a_blank_slice_is_empty():
     assert not lung_mask(np.zeros((32, 32), np.float32)).any()
     assert not lung_mask(np.ones((32, 32), np.float32)).any()
@@ -230,6 +245,23 @@ def test_shortcut_check_on_the_synthetic_dataset(run, tmp_path):
     assert 0 <= swap["mean_abs_change_p_covid"] < 0.5
     assert set(swap["by_original_format"]) == {"COVID PNG", "non-COVID PNG"}
     assert "Shortcut check" in (tmp_path / "sc" / "shortcut.md").read_text()
+
+
+def test_shortcut_check_says_where_the_heat_lies_around_the_lungs(tmp_path):
+    """At 64 px the phantom's lung masks are found (at 32 px they are not): the heat by distance
+    from the mask adds up, its first band is the mass inside, and the report shows the bands."""
+    data = write_dataset(tmp_path / "data", n=24, size=96)
+    train(TrainConfig(data=str(data), model="tiny", image_size=64, epochs=1, batch_size=8, progress=False,
+                      out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), lungs="none"), log=lambda *_: None)
+    cam = viz.shortcut_check(tmp_path / "run" / "best.npz", data, "val", tmp_path / "sc",
+                             cache_dir=tmp_path / "cache")["gradcam_in_lungs"]
+    assert cam["overall"]["n_used"] > 0
+    bands = cam["by_distance"]
+    assert bands["edges_px"] == [1, 3, 6, 12] and len(bands["heat"]) == len(bands["area"]) == 6
+    assert sum(bands["area"]) == pytest.approx(1) and sum(bands["heat"]) == pytest.approx(1)
+    assert bands["heat"][0] == pytest.approx(cam["overall"]["mass_inside_lungs"])
+    assert bands["area"][0] == pytest.approx(cam["overall"]["lung_mask_area"])
+    assert "| over 12 px outside |" in (tmp_path / "sc" / "shortcut.md").read_text()
 
 
 def covidct(*args):
