@@ -329,7 +329,7 @@ def model_names(run_dir) -> list[str]:
     return sorted(path.name[len("r0-fold0-"):] for path in Path(run_dir).glob("r0-fold0-*") if path.is_dir())
 
 
-def _read_oof(path: Path):
+def read_oof(path: Path):
     """A run's oof.csv as a table sorted by file, or a one-line CovidCTError."""
     import pandas as pd
 
@@ -404,7 +404,7 @@ def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
     frames = []
     for entry in run_dirs:
         run, model = _run_and_model(entry)
-        frame = _read_oof(run / "oof.csv")
+        frame = read_oof(run / "oof.csv")
         frames.append(frame if model is None else _model_oof(run, model, frame))
     first = frames[0]
     fold_columns = fold_columns_of(first)                                     # fold_r0, fold_r1, ...: one per repeat
