@@ -421,8 +421,8 @@ def join_runs(run_dirs, target_sensitivity: float | None = None) -> dict:
     oof = np.stack([combine_probabilities([frame[probability_column(fold)].values for frame in frames])
                     for fold in fold_columns])                                   # (repeats, N)
     if not np.isfinite(oof).all():
-        raise CovidCTError(f"cv-join: a run holds slices without an out-of-fold probability; finish it first "
-                           f"(covidct cv --resume RUN)")
+        raise CovidCTError("cv-join: a run holds slices without an out-of-fold probability; finish it first "
+                           "(covidct cv --resume RUN)")
     scores = oof.mean(axis=0)
     threshold, rule = choose_oof_threshold(labels, scores, target_sensitivity)
     result = summarize(labels, scores, oof, fold_table, threshold, rule)

@@ -1,6 +1,7 @@
 """Checkpoints for tests that need a model but no training (imported explicitly, not a conftest)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,12 @@ def train_on_phantom(root, seed: int = 0, size: int = 32, **overrides):
     logs = []
     summary = train(tiny_train_config(data, Path(root) / "run", **overrides), log=logs.append)
     return data, summary, logs
+
+
+def load_example(name: str):
+    """examples/<name>.py imported as a module, for its main() and helpers."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

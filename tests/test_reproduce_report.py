@@ -1,17 +1,11 @@
 """examples/reproduce_report.py: --rounds picks the rounds; round 4 needs --extra-data."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce_report.py"
+from conftest_models import load_example
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("reproduce_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("reproduce_report")
 
 
 def test_rounds_selects_round_4_alone_and_it_asks_for_the_extra_data(tmp_path, capsys):

@@ -1,7 +1,4 @@
 """covidct.texture (lung-texture features, logistic regression) and examples/texture_member.py."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,9 +8,7 @@ from covidct.metrics import roc_auc
 from covidct.synthetic import make_slice, write_dataset
 from covidct.texture import N_FEATURES, L2_GRID, choose_l2, fit_logistic, lbp_codes, lung_texture_features
 
-from conftest_models import tiny_train_config
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "texture_member.py"
+from conftest_models import load_example, tiny_train_config
 
 
 def test_lbp_codes_of_flat_ramp_and_checkerboard_images():
@@ -51,18 +46,11 @@ def test_fit_logistic_separates_and_shrinks():
     assert choose_l2(x, y, groups) in L2_GRID
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("texture_member", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_texture_member_example_writes_a_run_that_cv_join_takes(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", n=40, seed=8, size=64)
     config = tiny_train_config(data, tmp_path / "cv", epochs=1, lungs="none,crop")
     cross_validate(config, folds=2, log=lambda *_: None)
-    example = load_example()
+    example = load_example("texture_member")
     assert example.main([str(tmp_path / "cv"), "--out", str(tmp_path / "tex")]) == 0
     printed = capsys.readouterr().out
     assert "the texture model alone: pooled OOF AUC" in printed and "3 cross-validations joined" in printed
