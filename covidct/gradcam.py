@@ -44,8 +44,7 @@ from .lungs import lung_mask, otsu_threshold  # noqa: F401  (re-exported)
 RESNET_STAGES = list(BACKBONE) + list(HEAD)
 
 __all__ = ["gradcam", "default_layer_index", "feature_maps", "lung_mask", "otsu_threshold", "mass_inside",
-           "mass_by_distance",
-           "resize_map"]
+           "mass_by_distance", "resize_map"]
 
 # Layers after which the spatial layout is gone (a vector per image).
 _TO_VECTOR = (mc.Flatten, mc.AdaptiveAvgPool2d)

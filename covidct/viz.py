@@ -30,7 +30,7 @@ import minicnn as mc  # noqa: E402
 
 from . import CLASS_NAMES, COVID  # noqa: E402
 from .errors import CovidCTError  # noqa: E402
-from .gradcam import DISTANCE_BANDS, feature_maps, gradcam, mass_by_distance, mass_inside  # noqa: E402
+from .gradcam import DISTANCE_BANDS, feature_maps, gradcam, mass_by_distance  # noqa: E402
 
 __all__ = ["HAND_KERNELS", "hand_kernel_conv", "apply_hand_kernels", "plot_filters", "plot_feature_maps",
            "plot_hand_kernels", "plot_gradcam_grid", "plot_gradcam_overlay", "select_examples", "gradcam_grid",
@@ -327,7 +327,8 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     (a) Grad-CAM mass inside vs outside the lung mask (``covidct.lungs`` on the whole slice,
         cut and resized as the model input is: ``preprocess.input_lung_mask``), per class
         and overall; next to it the mask's share of the image, i.e. what a heatmap spread
-        evenly would give. Slices without a plausible mask are left out (counted).
+        evenly would give, and the heat by bands of distance from the mask (``mass_by_distance``).
+        Slices without a plausible mask are left out (counted).
     (b) accuracy / AUC when every image is re-encoded in the other class's file format
         (COVID -> JPEG quality 75, non-COVID -> PNG), then decoded with the same
         preprocessing, vs the original files.
@@ -353,8 +354,9 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     usable = np.array([mask is not None for mask in found])   # implausible masks are left out
     masks = np.stack([mask if mask is not None else np.zeros(images.shape[2:], bool) for mask in found])
     area = masks.mean(axis=(1, 2))
-    inside = np.array([mass_inside(h, m) if ok else np.nan for h, m, ok in zip(heatmaps, masks, usable)])
-    bands = [mass_by_distance(h, m) for h, m, ok in zip(heatmaps, masks, usable) if ok]
+    bands = [mass_by_distance(h, m) for h, m, ok in zip(heatmaps, masks, usable) if ok]   # (heat, area) per band
+    inside = np.full(len(labels), np.nan)
+    inside[usable] = [heat[0] for heat, _ in bands]                          # band 0: inside the mask
 
     def cam_summary(select):
         share = inside[select]
