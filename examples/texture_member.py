@@ -29,7 +29,7 @@ from covidct.errors import CovidCTError  # noqa: E402
 from covidct.texture import choose_l2, fit_logistic, slice_texture_features  # noqa: E402
 
 
-def texture_oof(frame, features, log=print) -> dict:
+def texture_oof(frame, features) -> dict:
     """Held-out P(COVID) of the texture model for every repeat of an oof.csv table -> {column: (N,)},
     and the L2 strengths chosen per fold."""
     labels = frame["label"].to_numpy(np.int64)
@@ -43,7 +43,6 @@ def texture_oof(frame, features, log=print) -> dict:
             l2 = choose_l2(features[train], labels[train], groups[train], seed=int(fold))
             log_odds[~train] = fit_logistic(features[train], labels[train], l2).log_odds(features[~train])
             chosen.append(l2)
-            log(f"{fold_column} fold {fold}: L2 {l2:g}")
         columns[probability_column(fold_column)] = 1.0 / (1.0 + np.exp(-log_odds))
     return {"columns": columns, "l2": chosen}
 
@@ -66,7 +65,7 @@ def run(args) -> int:
                            f"are missing); run this where the run's data is")
     print(f"lung-texture features of {len(frame)} slices ...")
     features = np.stack([slice_texture_features(path) for path in frame["file"]])
-    result = texture_oof(frame, features, log=lambda *_: None)
+    result = texture_oof(frame, features)
     table = frame[["file", "label", "source"]].copy()
     table["p_covid"] = np.mean(list(result["columns"].values()), axis=0)
     for fold_column in fold_columns_of(frame):
