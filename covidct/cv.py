@@ -325,7 +325,8 @@ def probability_column(fold_column: str) -> str:
 
 def model_names(run_dir) -> list[str]:
     """The models of a multi-model run that can be joined alone: the part after ``r0-fold0-`` of its
-    fold folders (``none-window-default``, ``crop-deep-small``, ``m1-crop``, ...)."""
+    fold folders (``none-window-default``, ``crop-deep-small``, ``m1-crop``, ...). Member 0 of a
+    --members run of one view and preset has a folder without a name (``r0-fold0``): not listed."""
     return sorted(path.name[len("r0-fold0-"):] for path in Path(run_dir).glob("r0-fold0-*") if path.is_dir())
 
 

@@ -29,22 +29,20 @@ from covidct.errors import CovidCTError  # noqa: E402
 from covidct.texture import choose_l2, fit_logistic, slice_texture_features  # noqa: E402
 
 
-def texture_oof(frame, features) -> dict:
-    """Held-out P(COVID) of the texture model for every repeat of an oof.csv table -> {column: (N,)},
-    and the L2 strengths chosen per fold."""
+def texture_oof(frame, features) -> tuple[np.ndarray, list[float]]:
+    """Held-out P(COVID) of the texture model, (repeats, N) for the repeats of an oof.csv table,
+    and the L2 strength chosen for each fold."""
     labels = frame["label"].to_numpy(np.int64)
     groups = frame["source"].astype(str).to_numpy()
-    columns, chosen = {}, []
-    for fold_column in fold_columns_of(frame):
-        folds = frame[fold_column].to_numpy(np.int64)
-        log_odds = np.full(len(frame), np.nan)
+    fold_table = frame[fold_columns_of(frame)].to_numpy(np.int64).T              # (repeats, N)
+    log_odds, chosen = np.full(fold_table.shape, np.nan), []
+    for repeat, folds in enumerate(fold_table):
         for fold in np.unique(folds):
             train = folds != fold
             l2 = choose_l2(features[train], labels[train], groups[train], seed=int(fold))
-            log_odds[~train] = fit_logistic(features[train], labels[train], l2).log_odds(features[~train])
+            log_odds[repeat, ~train] = fit_logistic(features[train], labels[train], l2).log_odds(features[~train])
             chosen.append(l2)
-        columns[probability_column(fold_column)] = 1.0 / (1.0 + np.exp(-log_odds))
-    return {"columns": columns, "l2": chosen}
+    return 1.0 / (1.0 + np.exp(-log_odds)), chosen
 
 
 def main(argv=None) -> int:
@@ -65,24 +63,27 @@ def run(args) -> int:
                            f"are missing); run this where the run's data is")
     print(f"lung-texture features of {len(frame)} slices ...")
     features = np.stack([slice_texture_features(path) for path in frame["file"]])
-    result = texture_oof(frame, features)
-    table = frame[["file", "label", "source"]].copy()
-    table["p_covid"] = np.mean(list(result["columns"].values()), axis=0)
-    for fold_column in fold_columns_of(frame):
+    oof, chosen = texture_oof(frame, features)
+    fold_columns = fold_columns_of(frame)
+    table = frame[["file", "label", "source"]].assign(p_covid=oof.mean(axis=0))
+    for fold_column, probabilities in zip(fold_columns, oof):
         table[fold_column] = frame[fold_column]
-        table[probability_column(fold_column)] = result["columns"][probability_column(fold_column)]
+        table[probability_column(fold_column)] = probabilities
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "oof.csv", index=False)
-    (out / "texture.json").write_text(json.dumps({"run": str(run_dir), "l2_per_fold": result["l2"]}, indent=2) + "\n")
-    labels = table["label"].to_numpy(np.int64)
-    oof = table[[probability_column(c) for c in fold_columns_of(frame)]].to_numpy().T          # (repeats, N)
-    alone = summarize(labels, table["p_covid"].to_numpy(), oof, frame[fold_columns_of(frame)].to_numpy().T,
-                      *choose_oof_threshold(labels, table["p_covid"].to_numpy(), None))
+    (out / "texture.json").write_text(json.dumps({"run": str(run_dir), "l2_per_fold": chosen}, indent=2) + "\n")
+    labels, scores = table["label"].to_numpy(np.int64), table["p_covid"].to_numpy()
+    threshold, rule = choose_oof_threshold(labels, scores, None)
+    alone = summarize(labels, scores, oof, frame[fold_columns].to_numpy().T, threshold, rule)
     low, high = alone["pooled_auc_ci95"]
     print(f"wrote {out / 'oof.csv'}; the texture model alone: pooled OOF AUC {alone['pooled']['auc']:.3f} "
           f"(95 % CI {low:.3f}-{high:.3f}), per fold {alone['per_fold']['auc']['mean']:.3f} +/- "
           f"{alone['per_fold']['auc']['sd']:.3f}\n")
-    models = [f"{run_dir}:{name}" for name in model_names(run_dir)] or [str(run_dir)]
+    # each of RUN's models one member, the texture model another; a run whose fold folders are not all
+    # named (one model per fold, or member 0 of --members M) is joined whole
+    names = model_names(run_dir)
+    split = names and not (run_dir / "r0-fold0").is_dir()
+    models = [f"{run_dir}:{name}" for name in names] if split else [str(run_dir)]
     print(f"{run_dir}'s models with the texture model as one more member:")
     print(format_cv_table(join_runs(models + [out])))
     return 0
