@@ -132,7 +132,10 @@ def load_checkpoint(path, device: str = "cpu", task: str | None = TASK_COVID) ->
                            f"{len(CLASS_NAMES)}")
     if metadata.get("kind") == "ensemble":                 # covidct.ensemble: several models as one
         from .ensemble import build_ensemble
-        model = build_ensemble(metadata)
+        try:
+            model = build_ensemble(metadata)
+        except CovidCTError as error:
+            raise CovidCTError(f"{path}: {error}") from None
     else:
         model = build_model(config)
     try:

@@ -152,6 +152,7 @@ def run_evaluate(args) -> int:
     from .data import read_dataset
     from .evaluate import predict_proba, report_text, write_evaluation
     from .preprocess import Preprocess, load_images
+    from .texture import texture_inputs
 
     model, meta = load_checkpoint(args.checkpoint, args.device)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
@@ -163,7 +164,7 @@ def run_evaluate(args) -> int:
     images, labels, paths = load_images(dataset, Preprocess.from_dict(meta["preprocess"]), cache_dir=cache_dir,
                                         skip_bad=args.skip_bad, skipped_log=out / "skipped_files.txt")
     scores = predict_proba(model, images, meta["normalization"]["mean"], meta["normalization"]["std"],
-                           device=args.device)
+                           device=args.device, features=texture_inputs(model, paths))
     write_evaluation(out, labels, scores, paths, threshold, title=f"{args.split} split")
     print(report_text(labels, scores, threshold, f"{args.split} split of {args.data}"))
     print(f"\nwrote metrics.json, predictions.csv, roc.png, confusion.png to {out}/")

@@ -20,10 +20,12 @@ drawn R times (different seeds) and each slice's OOF probability is the mean ove
 repeats. With config.tta (the default; --no-tta) each model scores the slice and its
 mirror image, joined like ensemble members. With --members M,
 several --lungs views V or several --model presets P (recipe options, as in covidct train;
-the default: five models, covidct.train.ensemble_members) every fold trains M x V x P models
+the default: five CNNs and the texture model, covidct.train.ensemble_members) every fold trains M x V x P models
 (seeds: weights, order, augmentation; views: whole slice, lung crop; presets: default,
-deep-small; a PRESET:VIEW entry adds one model on its own view), and the
-fold's held-out probability is their combination as the ensemble makes it (the
+deep-small; a PRESET:VIEW entry adds one model on its own view; a ``texture`` entry adds the
+lung-texture logistic regression, fitted per fold on the same training slices:
+``fit_fold_textures``), and the fold's held-out probability is their combination as the
+ensemble makes it (the
 normalised geometric mean, covidct.ensemble): the OOF figures then measure the
 ensemble the way it would be used. The decision threshold is chosen once on all OOF
 predictions (Youden's J, or the smallest threshold reaching --target-sensitivity) and
@@ -275,11 +277,15 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
             f"({time.perf_counter() - started:.0f}s so far)")
     if jobs > 1 and todo:
         pool.shutdown()
+    textures = fit_fold_textures(out, paths, labels, groups, fold_table, extra, log) if config.texture else {}
     for repeat in range(repeats):
         for fold in range(folds):
             held_out = [done[repeat, fold, number] for number in range(len(plan))]
+            if textures:
+                held_out.append(textures[repeat, fold][1])
             oof[repeat, fold_table[repeat] == fold] = combine_probabilities(held_out)
     fold_models = [str(Path(c.out) / "best.npz") for repeat, _, _, c, _, _ in tasks if repeat == 0]
+    fold_textures = [textures[0, fold][0] for fold in range(folds)] if textures else []
 
     scores = oof.mean(axis=0)
     threshold, rule = choose_oof_threshold(labels, scores, target)
@@ -287,11 +293,43 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
     result.update(config=asdict(config), folds=folds, repeats=repeats, tta=tta, members=members,
                   n_sources=len(set(groups)), seconds=time.perf_counter() - started)
     write_oof(out / "oof.csv", paths, labels, groups, fold_table, oof, scores)
-    save_ensemble(out / "ensemble.npz", fold_models, threshold=threshold, tta=tta,
+    save_ensemble(out / "ensemble.npz", fold_models, threshold=threshold, tta=tta, textures=fold_textures,
                   info={"cv": {k: result[k] for k in ("pooled", "per_fold", "threshold", "threshold_rule")}})
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "cv.md").write_text(format_cv_table(result) + "\n")
     return result
+
+
+def fit_fold_textures(out: Path, paths, labels, groups, fold_table, extra=None, log=print) -> dict:
+    """The texture model (covidct.texture) of every repeat and fold, fitted on the fold's training
+    slices (+ any extra training data) -> {(repeat, fold): (TextureMember, P(COVID) on the held-out
+    slices)}; each fold's held-out predictions also go to r<R>-fold<F>-texture/heldout.csv, so that
+    cv-join takes RUN:texture like any other model. Fast (seconds a fold) and deterministic, so a
+    resumed run fits them again."""
+    from .texture import fit_texture, texture_features
+
+    log(f"texture model: lung-texture features of {len(paths) + (len(extra[2]) if extra else 0)} slices ...")
+    features, groups = texture_features(paths), np.asarray(groups)
+    if extra is not None:
+        extra_features, extra_groups = texture_features(extra[2]), np.asarray(slice_groups(extra[2], extra[1]))
+    fitted = {}
+    for repeat, folds in enumerate(fold_table):
+        for fold in np.unique(folds):
+            train, test = folds != fold, folds == fold
+            x, y, g = features[train], labels[train], groups[train]
+            if extra is not None:
+                x, y = np.concatenate([x, extra_features]), np.concatenate([y, extra[1]])
+                g = np.concatenate([g, extra_groups])
+            texture = fit_texture(x, y, g, seed=int(fold))
+            scores = texture.p_covid(features[test])
+            fold_dir = out / f"r{repeat}-fold{fold}-texture"
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            write_heldout(fold_dir, [p for p, keep in zip(paths, test) if keep], scores)
+            fitted[repeat, int(fold)] = texture, scores
+    aucs = [roc_auc(labels[folds == fold], fitted[repeat, int(fold)][1])
+            for repeat, folds in enumerate(fold_table) for fold in np.unique(folds)]
+    log(f"texture model: held-out AUC {np.mean(aucs):.3f} +/- {np.std(aucs):.3f} over {len(aucs)} folds")
+    return fitted
 
 
 def summarize(labels, scores, oof, fold_table, threshold: float, rule: str) -> dict:
@@ -450,10 +488,12 @@ def recipe_text(config) -> str:
 
     text = f" x {config.members} seeds per fold" if config.members > 1 else ""
     views, models, plan = len(config.views), len(config.model_views), len(ensemble_members(config)) // config.members
+    texture = " + the lung-texture model" if config.texture else ""
     if views * models != plan:
-        return text + f" x {plan} models (--model {config.model} --lungs {config.lungs} --intensity {config.intensity})"
+        return (text + f" x {plan} models{texture} (--model {config.model} --lungs {config.lungs} "
+                f"--intensity {config.intensity})")
     text += f" x {views} views (--lungs {config.lungs} --intensity {config.intensity})" if views > 1 else ""
-    return text + (f" x {models} models (--model {config.model})" if models > 1 else "")
+    return text + (f" x {models} models (--model {config.model})" if models > 1 else "") + texture
 
 
 def format_cv_table(result: dict) -> str:

@@ -27,10 +27,17 @@ that applies a softmax gets the combined probabilities back unchanged. Each memb
 normalises the [0, 1] input with its own training statistics, so the checkpoint's
 own normalisation is the identity (mean 0, std 1).
 
-Grad-CAM (covidct.gradcam) averages the heatmaps of the members that read a channel cut
+Texture members (covidct.texture.TextureMember, in the default recipe): logistic regressions on
+each slice's lung-texture features, computed from the slice itself at 224 px (not from the
+CNNs' input), so the ensemble then takes them beside the pixels: ``forward(x, features)``,
+features (N, 94) from covidct.texture.texture_features(paths) (``reads_texture(model)`` says
+whether a model needs them). Each texture member is one more member of the combination, weighing
+as much as a CNN member with its mirror images.
+
+Grad-CAM (covidct.gradcam) averages the heatmaps of the CNN members that read a channel cut
 like channel 0 (the picture that is shown, however its gray scale is calibrated; a lung crop's
 heatmap lies in another frame); ONNX export
-(covidct.export) writes the same combination as one graph.
+(covidct.export) writes the same combination as one graph (ensembles without texture members).
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ import minicnn as mc
 
 from .errors import CovidCTError
 
-__all__ = ["Ensemble", "save_ensemble", "build_ensemble", "combine_probabilities", "COMBINE_RULES"]
+__all__ = ["Ensemble", "save_ensemble", "build_ensemble", "combine_probabilities", "reads_texture", "COMBINE_RULES"]
 
 KIND = "ensemble"
 COMBINE_RULES = ("mean", "geometric")
@@ -60,15 +67,21 @@ def combine_probabilities(p_covid, combine: str = "geometric") -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-log_odds))
 
 
+def reads_texture(model) -> bool:
+    """Does this model take lung-texture features beside the pixels (an Ensemble with texture members)?"""
+    return isinstance(model, Ensemble) and bool(model.textures)
+
+
 class Ensemble(mc.Module):
     """Several models as one (inference only): their probabilities combined by ``combine`` ("mean", or
     "geometric": the normalised geometric mean), member i reading input channel ``views[i]`` when the
     input holds several views. Members are the attributes member0, member1, ..., so state_dict names
-    are ``member<i>.<name>``. ``frame_views``: the channels whose pixels lie where channel 0's do (the
-    whole slice, whatever its gray scale; a lung crop lies elsewhere): Grad-CAM draws their members."""
+    are ``member<i>.<name>``; texture members (covidct.texture.TextureMember) texture0, texture1, ...
+    ``frame_views``: the channels whose pixels lie where channel 0's do (the whole slice, whatever its
+    gray scale; a lung crop lies elsewhere): Grad-CAM draws their members."""
 
     def __init__(self, models, normalizations, tta: bool = False, views=None, combine: str = "mean",
-                 frame_views=(0,)):
+                 frame_views=(0,), textures=()):
         if not models:
             raise CovidCTError("an ensemble needs at least one model")
         if combine not in COMBINE_RULES:
@@ -77,6 +90,8 @@ class Ensemble(mc.Module):
             raise CovidCTError(f"an ensemble of {len(models)} models got {len(views)} view indices")
         for i, model in enumerate(models):
             setattr(self, f"member{i}", model)
+        for i, texture in enumerate(textures):
+            setattr(self, f"texture{i}", texture)
         self.normalizations = [(float(m), float(s)) for m, s in normalizations]
         self.tta = tta
         self.views = None if views is None else [int(v) for v in views]
@@ -85,7 +100,13 @@ class Ensemble(mc.Module):
 
     @property
     def members(self):
-        return self.children()
+        """The CNN members, in order."""
+        return [module for name, module in self.named_children() if name.startswith("member")]
+
+    @property
+    def textures(self):
+        """The texture members (covidct.texture.TextureMember), in order."""
+        return [module for name, module in self.named_children() if name.startswith("texture")]
 
     def member_input(self, x, index: int):
         """x (in [0, 1], identity-normalised) -> member ``index``'s channel, on its own normalisation."""
@@ -98,9 +119,15 @@ class Ensemble(mc.Module):
         mean, std = self.normalizations[index]
         return (x - np.float32(mean)) / np.float32(std)
 
-    def forward(self, x):
-        """x: (N, C, H, W) in [0, 1] (identity-normalised) -> log of the combined probability (N, classes)."""
+    def forward(self, x, features=None):
+        """x: (N, C, H, W) in [0, 1] (identity-normalised), features: (N, 94) lung-texture features of the
+        same slices (covidct.texture; only for an ensemble with texture members)
+        -> log of the combined probability (N, classes)."""
         xp = mc.get_array_module(x)
+        if self.textures and (features is None or len(features) != len(x)):
+            raise CovidCTError(f"this ensemble has {len(self.textures)} lung-texture member(s): give the "
+                               f"{len(x)} slices' texture features beside their pixels "
+                               f"(covidct.texture.texture_features)")
         flips = [x, xp.ascontiguousarray(x[..., ::-1])] if self.tta else [x]
         total = 0.0
         for index, model in enumerate(self.members):
@@ -109,7 +136,12 @@ class Ensemble(mc.Module):
                 shifted = logits - logits.max(axis=1, keepdims=True)
                 log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
                 total = total + (log_probs if self.combine == "geometric" else xp.exp(log_probs))
-        combined = total / (len(self.normalizations) * len(flips))          # mean log p, or mean p
+        for texture in self.textures:                   # each weighs as one CNN member with its flips
+            log_odds = np.asarray(texture(features), np.float64)[:, None]   # (N, 1)
+            log_probs = -np.logaddexp(0.0, np.concatenate([log_odds, -log_odds], axis=1))  # log [1-p, p]
+            log_probs = xp.asarray(log_probs.astype(np.float32))
+            total = total + len(flips) * (log_probs if self.combine == "geometric" else xp.exp(log_probs))
+        combined = total / ((len(self.normalizations) + len(self.textures)) * len(flips))   # mean log p, or mean p
         if self.combine == "geometric":                                     # renormalise: log softmax
             shifted = combined - combined.max(axis=1, keepdims=True)
             return (shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))).astype(np.float32)
@@ -121,12 +153,12 @@ class Ensemble(mc.Module):
 
 
 def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False, info: dict | None = None,
-                  combine: str = "geometric") -> Path:
+                  combine: str = "geometric", textures=()) -> Path:
     """Join member checkpoints into one ensemble checkpoint, written atomically. The members'
     preprocessing must agree except for the view (``lungs``, ``intensity``): members of different
     views make a multi-view ensemble whose input has one channel per view, in order of appearance
     (written as a product of modes, "none,crop" x "none,equalize", where the views make one, else
-    view by view: "none-window,crop")."""
+    view by view: "none-window,crop"). textures: fitted covidct.texture.TextureMember's to join too."""
     from .checkpoint import load_checkpoint, save_checkpoint
 
     from .preprocess import Preprocess, view_modes
@@ -157,10 +189,14 @@ def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False,
     for m in metas:                                   # (lungs, intensity) -> its channel of the joined input
         m["view"] = joined.views.index(m["view"])
     channels = [m["view"] for m in metas] if len(joined.views) > 1 else None
+    from .texture import N_FEATURES, TEXTURE_VERSION, TEXTURE_VIEW
+
     ensemble = Ensemble(models, [(m["normalization"]["mean"], m["normalization"]["std"]) for m in metas], tta,
-                        views=channels, combine=combine, frame_views=joined.frame_views)
-    metadata = {"kind": KIND, "members": metas, "tta": bool(tta), "combine": combine, "threshold": float(threshold),
-                "preprocess": joined.to_dict(),
+                        views=channels, combine=combine, frame_views=joined.frame_views, textures=textures)
+    texture_metas = [{"version": TEXTURE_VERSION, "view": dict(TEXTURE_VIEW), "features": N_FEATURES, "l2": t.l2}
+                     for t in textures]
+    metadata = {"kind": KIND, "members": metas, "textures": texture_metas, "tta": bool(tta), "combine": combine,
+                "threshold": float(threshold), "preprocess": joined.to_dict(),
                 "normalization": {"mean": 0.0, "std": 1.0}, "model_config": metas[0]["model_config"],
                 "metrics": info or {}}
     return save_checkpoint(path, ensemble, metadata)
@@ -173,7 +209,14 @@ def build_ensemble(metadata: dict) -> Ensemble:
 
     from .preprocess import Preprocess
 
+    from .texture import N_FEATURES, TEXTURE_VERSION, TextureMember
+
     members = metadata["members"]
+    textures = metadata.get("textures", [])                 # ensembles saved before session 13: none
+    for t in textures:
+        if not isinstance(t, dict) or t.get("version") != TEXTURE_VERSION or t.get("features") != N_FEATURES:
+            raise CovidCTError(f"ensemble texture member {t}: expected version {TEXTURE_VERSION} with "
+                               f"{N_FEATURES} features (this covidct's covidct.texture)")
     preprocess = Preprocess.from_dict(metadata["preprocess"])
     n_views = len(preprocess.views)
     for m in members:
@@ -185,4 +228,5 @@ def build_ensemble(metadata: dict) -> Ensemble:
                     tta=bool(metadata.get("tta", False)),
                     views=[int(m.get("view", 0)) for m in members] if multiview else None,
                     combine=metadata.get("combine", "mean"),
-                    frame_views=preprocess.frame_views)
+                    frame_views=preprocess.frame_views,
+                    textures=[TextureMember(l2=t.get("l2", 0.0)) for t in textures])

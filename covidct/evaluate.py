@@ -26,26 +26,32 @@ def softmax(logits) -> np.ndarray:
 
 
 def predict_logits(model: mc.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 64,
-                   device: str = "cpu") -> np.ndarray:
-    """images (N, C, H, W) in [0, 1] -> host logits (N, classes), computed in eval mode, batch by batch."""
+                   device: str = "cpu", features=None) -> np.ndarray:
+    """images (N, C, H, W) in [0, 1] -> host logits (N, classes), computed in eval mode, batch by batch.
+    features: the slices' lung-texture features (N, 94), for an ensemble with texture members
+    (covidct.ensemble.reads_texture; covidct.texture.texture_features)."""
     was_training = model.training
     model.eval()
     logits = []
     with mc.no_grad():                     # no backward follows: nothing is kept, activations freed at once
         for start in range(0, len(images), batch_size):
-            batch = normalize(images[start:start + batch_size], mean, std)
-            logits.append(mc.as_numpy(model(mc.to_device(batch, device))))
+            batch = mc.to_device(normalize(images[start:start + batch_size], mean, std), device)
+            if features is None:
+                logits.append(mc.as_numpy(model(batch)))
+            else:
+                logits.append(mc.as_numpy(model(batch, features[start:start + batch_size])))
     model.release_saved()                  # and the layers' reusable work buffers
     model.train(was_training)
     return np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)
 
 
 def predict_proba(model: mc.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 64,
-                  device: str = "cpu") -> np.ndarray:
-    """images (N, 1, H, W) in [0, 1] -> P(COVID) (N,), computed in eval mode, batch by batch."""
+                  device: str = "cpu", features=None) -> np.ndarray:
+    """images (N, C, H, W) in [0, 1] (+ features: see predict_logits) -> P(COVID) (N,), computed in eval
+    mode, batch by batch."""
     if len(images) == 0:
         return np.zeros(0)
-    logits = predict_logits(model, images, mean, std, batch_size, device)
+    logits = predict_logits(model, images, mean, std, batch_size, device, features)
     return softmax(logits.astype(np.float64))[:, 1]
 
 

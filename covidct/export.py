@@ -20,7 +20,8 @@ class names. minicnn layer -> ONNX operator:
     BasicBlock -> its layers, then Add of the shortcut and Relu
     Ensemble (covidct.ensemble) -> every member on its own normalisation of the image (with
                flip TTA: on the batch and its mirror image, Concat + Slice), Softmax, the
-               mean probability, Log: its "logits", so the final Softmax gives that mean back
+               mean probability, Log: its "logits", so the final Softmax gives that mean back;
+               an ensemble with lung-texture members (covidct.texture) is refused
 
 safetensors layout: 8 bytes little-endian u64 = n, n bytes of JSON header
 {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
@@ -39,7 +40,7 @@ from minicnn.models.resnet import BACKBONE, HEAD, ResNet
 from minicnn.serialization import atomic_write
 
 from . import CLASS_NAMES
-from .ensemble import Ensemble
+from .ensemble import Ensemble, reads_texture
 from .preprocess import Preprocess
 from .errors import CovidCTError
 from .scan import window_from_metadata
@@ -184,6 +185,11 @@ class _GraphBuilder:
 
 def export_onnx(model: mc.Module, meta: dict, path) -> Path:
     """Write ``model`` (eval mode) with the checkpoint's normalisation as an ONNX file -> path."""
+    if reads_texture(model):
+        raise CovidCTError("ONNX export: this ensemble has lung-texture members (covidct.texture: a lung mask and "
+                           "local binary patterns of the slice at 224 px), which no ONNX operator expresses; "
+                           "export an ensemble trained without them (--model without 'texture'), or use "
+                           "--format safetensors")
     try:
         import onnx
         from onnx import TensorProto, helper, numpy_helper

@@ -114,7 +114,7 @@ class _Quiet:
 
 
 def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size: int = 32,
-            return_logits: bool = False):
+            return_logits: bool = False, features=None):
     """Grad-CAM heatmaps for normalized images x (N, C, H, W) -> float32 (N, H, W) in [0, 1].
 
     target_class: the class whose logit is explained, an int (default 1 = COVID) or one
@@ -122,10 +122,12 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
     layer_index:  index in the Sequential of the layer whose OUTPUT is A (default:
                   ``default_layer_index(model)``, the last conv block's ReLU).
     return_logits: also return the logits (N, num_classes) of the same forward pass.
+    features:     an ensemble with texture members (covidct.ensemble): the slices' texture features,
+                  for its logits (the heatmaps are its CNN members').
     """
     x = _check_input(x)
     if isinstance(model, Ensemble):
-        return _ensemble_gradcam(model, x, target_class, layer_index, batch_size, return_logits)
+        return _ensemble_gradcam(model, x, target_class, layer_index, batch_size, return_logits, features)
     layers = _layers(model)
     index = default_layer_index(model) if layer_index is None else int(layer_index)
     if not 0 <= index < len(layers) - 1:
@@ -172,7 +174,7 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
     return heatmaps
 
 
-def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return_logits):
+def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return_logits, features=None):
     """The mean of the heatmaps of the members that read a channel in channel 0's frame (x
     identity-normalised, as the ensemble takes it; ``Ensemble.frame_views``: the whole slice, however
     its gray scale is shown): the picture shown is channel 0, and a lung crop's heatmap lies in
@@ -191,7 +193,8 @@ def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return
     if not return_logits:
         return heatmaps
     with _Quiet(ensemble), mc.no_grad():
-        logits = np.concatenate([mc.as_numpy(ensemble(x[start:start + batch_size]))
+        logits = np.concatenate([mc.as_numpy(ensemble(x[start:start + batch_size]) if features is None else
+                                             ensemble(x[start:start + batch_size], features[start:start + batch_size]))
                                  for start in range(0, len(x), batch_size)])
     return heatmaps, logits
 

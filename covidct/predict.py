@@ -12,6 +12,7 @@ from .checkpoint import load_checkpoint
 from .errors import CovidCTError
 from .evaluate import predict_proba
 from .preprocess import Preprocess, load_image
+from .texture import texture_inputs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
@@ -49,7 +50,8 @@ def predict_files(checkpoint, paths, device: str = "cpu", batch_size: int = 32):
             failures.append((str(path), str(error)))
     rows = []
     if images:
-        scores = predict_proba(model, np.stack(images), mean, std, batch_size=batch_size, device=device)
+        scores = predict_proba(model, np.stack(images), mean, std, batch_size=batch_size, device=device,
+                               features=texture_inputs(model, good))
         rows = [{"file": str(path), "p_covid": float(score), "label": CLASS_NAMES[int(score >= threshold)]}
                 for path, score in zip(good, scores)]
     return rows, failures, threshold
@@ -93,7 +95,8 @@ def write_gradcam_overlays(checkpoint, paths, out_dir, device: str = "cpu", targ
     for path in map(Path, paths):
         image = load_image(path, preprocess)
         x = mc.to_device(normalize(image[None], mean, std), device)
-        heatmap, logits = gradcam(model, x, target_class=target_class, return_logits=True)
+        heatmap, logits = gradcam(model, x, target_class=target_class, return_logits=True,
+                                  features=texture_inputs(model, [path]))
         shifted = np.exp(logits[0] - logits[0].max())
         p_covid = float(shifted[1] / shifted.sum())
         name, k = f"{path.stem}_gradcam.png", 1

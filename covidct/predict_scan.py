@@ -17,6 +17,7 @@ from . import CLASS_NAMES
 from .evaluate import predict_proba
 from .preprocess import Preprocess
 from .scan import CTWindow, default_top_k, read_scan, scan_inputs, scan_score, window_from_metadata
+from .texture import texture_inputs
 
 SLICE_FIELDS = ["scan", "slice", "position_mm", "p_covid", "label"]
 
@@ -43,8 +44,9 @@ def predict_scan(model, meta: dict, path, window: CTWindow | None = None, top_k:
     threshold = float(meta.get("threshold", 0.5))
     volume = read_scan(path, series=series)
     images = scan_inputs(volume, window, Preprocess.from_dict(meta["preprocess"]))
+    features = texture_inputs(model, grays=window.apply(volume.hu))      # an ensemble with texture members
     p = predict_proba(model, images, meta["normalization"]["mean"], meta["normalization"]["std"],
-                      batch_size=batch_size, device=device)
+                      batch_size=batch_size, device=device, features=features)
     rows = [{"scan": volume.source, "slice": i, "position_mm": round(float(z), 3), "p_covid": float(score),
              "label": CLASS_NAMES[int(score >= threshold)]} for i, (z, score) in enumerate(zip(volume.positions, p))]
     k = min(len(p), default_top_k(len(p)) if top_k is None else top_k)

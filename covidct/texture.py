@@ -1,16 +1,23 @@
 """Lung texture: hand-made statistics of the gray levels inside the lung mask, and a logistic regression on them.
 
     lung_texture_features(gray, mask)            -> (94,) float64 features of one slice
-    slice_texture_features(path)                 -> the same from an image file (TEXTURE_VIEW, covidct.lungs)
+    gray_texture_features(gray)                  -> the same of a whole slice (h, w), read as TEXTURE_VIEW
+    texture_features(paths)                      -> (N, 94) of image files
+    texture_inputs(model, paths | grays)         -> those features when the model takes them, else None
     fit_logistic(features, labels, l2)           -> LogisticModel: standardisation + weights; .log_odds(features)
     choose_l2(features, labels, groups, seed)    -> the L2 strength with the best inner grouped-CV AUC
+    fit_texture(features, labels, groups, seed)  -> TextureMember: choose_l2, then fit_logistic on them all
+    TextureMember(model)                         -> the fitted regression as an ensemble member (covidct.ensemble)
 
 Why: the CNNs of the default recipe read each slice at 128 px, where the fine texture of
 ground-glass opacities is mostly gone, and their Grad-CAM heat has no preferred place relative
 to the lungs. These features look only inside the lung mask, at 224 px. Alone they rank
 COVID-CT slices worse than a CNN (cross-validated AUC ~0.74 against ~0.81), but they err
-elsewhere: joined with the default's five models as a sixth member they gained on every
-fold draw measured (README, "Session 12"; ``examples/texture_member.py`` reproduces it).
+elsewhere: joined with the default's five CNNs as a sixth member they gained on every
+fold draw measured (README, "Cross-validated results"). The default recipe (``--model
+...,texture``, covidct.train) fits it on the training slices and saves it in ensemble.npz as a
+TextureMember beside the CNNs; the ensemble then takes each slice's features beside its pixels
+(covidct.ensemble), computed from the slice itself at 224 px, not from the CNNs' 128 px input.
 
 Features of a window-calibrated slice ``gray`` (H, W) in [0, 1] and its lung mask (bool):
   - 32-bin histogram of the lungs' gray levels (square roots of the shares)           32
@@ -29,10 +36,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["TEXTURE_VIEW", "N_FEATURES", "L2_GRID", "lung_texture_features", "slice_texture_features",
-           "LogisticModel", "fit_logistic", "choose_l2"]
+import minicnn as mc
+
+__all__ = ["TEXTURE_VIEW", "TEXTURE_VERSION", "N_FEATURES", "L2_GRID", "lung_texture_features",
+           "gray_texture_features", "slice_texture_features", "texture_features", "texture_inputs", "LogisticModel", "fit_logistic",
+           "choose_l2", "fit_texture", "TextureMember"]
 
 TEXTURE_VIEW = dict(size=224, resize="stretch", lungs="none", intensity="window")   # covidct.preprocess.Preprocess
+TEXTURE_VERSION = 1                   # of the feature definition below: checkpoints store it
 LBP_RADII = (1, 2, 4)
 DIFF_STEPS = (1, 2, 4, 8)
 EDGE_BANDS = (2, 5, 10)               # px in from the lungs' edge
@@ -88,15 +99,28 @@ def lung_texture_features(gray, mask) -> np.ndarray:
     return np.concatenate([np.ravel(f) for f in features]).astype(np.float64)
 
 
-def slice_texture_features(path) -> np.ndarray:
-    """lung_texture_features of an image file, read as TEXTURE_VIEW (window-calibrated whole slice at
-    224 px) with its lung mask (None when covidct.lungs finds no plausible one)."""
+def gray_texture_features(gray) -> np.ndarray:
+    """lung_texture_features of a whole slice (h, w) in [0, 1] as decoded (any size), prepared as
+    TEXTURE_VIEW (window-calibrated, 224 px) with its lung mask (None when covidct.lungs finds no
+    plausible one)."""
     from .lungs import find_lungs
-    from .preprocess import Preprocess, load_image
+    from .preprocess import Preprocess, prepare_gray
 
-    gray = load_image(path, Preprocess(**TEXTURE_VIEW))[0]
-    lungs = find_lungs(gray)
-    return lung_texture_features(gray, lungs.mask if lungs.found else None)
+    view = prepare_gray(gray, Preprocess(**TEXTURE_VIEW))[0][0]                 # (224, 224)
+    lungs = find_lungs(view)
+    return lung_texture_features(view, lungs.mask if lungs.found else None)
+
+
+def slice_texture_features(path) -> np.ndarray:
+    """gray_texture_features of an image file."""
+    from .preprocess import read_gray
+
+    return gray_texture_features(read_gray(path))
+
+
+def texture_features(paths) -> np.ndarray:
+    """(N, N_FEATURES) float64: slice_texture_features of every file (about 0.07 s a slice)."""
+    return np.stack([slice_texture_features(path) for path in paths]) if len(paths) else np.zeros((0, N_FEATURES))
 
 
 @dataclass
@@ -148,3 +172,52 @@ def choose_l2(features, labels, groups, seed: int = 0, grid=L2_GRID, folds: int 
             log_odds[held] = fit_logistic(x[~held], y[~held], l2).log_odds(x[held])
         scores.append(roc_auc(y, log_odds))
     return float(grid[int(np.argmax(scores))])
+
+
+def texture_inputs(model, paths=None, grays=None):
+    """The lung-texture features a model takes beside the pixels: (N, N_FEATURES) of these files (or
+    whole gray slices) when it is an ensemble with texture members (covidct.ensemble.reads_texture),
+    else None (no time spent)."""
+    from .ensemble import reads_texture
+
+    if not reads_texture(model):
+        return None
+    if grays is not None:
+        return np.stack([gray_texture_features(gray) for gray in grays])
+    return texture_features(paths)
+
+
+def fit_texture(features, labels, groups, seed: int = 0) -> "TextureMember":
+    """The texture member of an ensemble, fitted on training slices only: the L2 strength by
+    choose_l2 (inner CV grouped by source), then the logistic regression on all of them."""
+    l2 = choose_l2(features, labels, groups, seed=seed)
+    return TextureMember(fit_logistic(features, labels, l2), l2)
+
+
+class TextureMember(mc.Module):
+    """The lung-texture logistic regression as an ensemble member (covidct.ensemble):
+    features (N, N_FEATURES) -> log-odds of COVID (N,), on the host in float64.
+
+    It is fitted (fit_texture), not trained by backprop; its arrays are buffers, so an
+    ensemble's state_dict and checkpoint hold them (``texture0.mean``, ``texture0.weights``, ...)."""
+
+    def __init__(self, model: LogisticModel | None = None, l2: float = 0.0):
+        if model is None:                                                  # a shell that load_state_dict fills
+            model = LogisticModel(np.zeros(N_FEATURES), np.ones(N_FEATURES), np.zeros(N_FEATURES), 0.0)
+        self.register_buffer("mean", np.asarray(model.mean, np.float64))
+        self.register_buffer("scale", np.asarray(model.scale, np.float64))
+        self.register_buffer("weights", np.asarray(model.weights, np.float64))
+        self.register_buffer("bias", np.array([model.bias], np.float64))
+        self.l2 = float(l2)
+
+    def forward(self, features):
+        regression = LogisticModel(*(mc.as_numpy(array) for array in (self.mean, self.scale, self.weights)),
+                                   float(mc.as_numpy(self.bias)[0]))
+        return regression.log_odds(mc.as_numpy(features))
+
+    def p_covid(self, features) -> np.ndarray:
+        """P(COVID) (N,) of the slices with these features."""
+        return 1.0 / (1.0 + np.exp(-self.forward(features)))
+
+    def backward(self, grad):
+        raise NotImplementedError("a TextureMember is fitted by covidct.texture.fit_texture, not trained by backprop")

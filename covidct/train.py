@@ -13,7 +13,9 @@ With ``--members M`` the run directory holds member0/ ... member<M-1>/ (each a r
 seeds ``member_seed(seed, i)``), ensemble.npz (the members as one checkpoint, threshold chosen
 on val) and the ensemble's metrics.json, predictions.csv, roc.png, confusion.png. Several views
 (--lungs, --intensity) or presets (--model), as in the default recipe, add to the member names:
-member0-none-window-default/, member0-crop-deep-small/, ... (``ensemble_members``).
+member0-none-window-default/, member0-crop-deep-small/, ... (``ensemble_members``). A ``texture``
+entry of --model (the default's) fits the lung-texture model (covidct.texture) on the same
+training slices and saves it in ensemble.npz as one more member (``fit_texture_member``).
 
 ``--resume RUN_DIR`` continues from last.npz; Ctrl-C or ``kill -9`` lose at most
 the epoch in progress. A NaN/inf loss stops the run with a clear message and
@@ -57,6 +59,7 @@ from .scan import CTWindow
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
 OPTIMIZERS, SCHEDULES, DEVICES = ("sgd", "adam", "adamw"), ("none", "step", "cosine"), ("cpu", "gpu")
 SAMPLING_MODES = ("shuffle", "sources")
+TEXTURE = "texture"                  # the --model entry of the lung-texture member (covidct.texture)
 
 
 @dataclass
@@ -64,12 +67,14 @@ class TrainConfig:
     data: str = option("", "dataset: UCSD COVID-CT root, CSV manifest or class folders "
                            "(default: the generated synthetic phantom dataset)")
     out: str = option("runs/covidct", "run directory (default: runs/<model>-<data name>)")
-    model: str = option("default,deep-small,deep-small:none-equalize",
+    model: str = option("default,deep-small,deep-small:none-equalize,texture",
                         "model preset: default, wide, seed (the 2020 CNNv3), deep, deep-small, resnet18, "
                         "resnet-small, tiny; several joined by commas train one model of each (per view) and save "
-                        "them as one ensemble; PRESET:VIEW trains that preset on that view only (the default, "
-                        "chosen by cross-validation: both presets on every --lungs view, and deep-small on the "
-                        "histogram-equalised whole slice)", metavar="PRESET[:VIEW][,...]")
+                        "them as one ensemble; PRESET:VIEW trains that preset on that view only; 'texture' joins "
+                        "a logistic regression on the lungs' texture at 224 px to the ensemble (covidct.texture; "
+                        "the default, chosen by cross-validation: both presets on every --lungs view, deep-small "
+                        "on the histogram-equalised whole slice, and the texture model)",
+                        metavar="PRESET[:VIEW][,...][,texture]")
     image_size: int | None = option(None, "input size (default: the preset's)")
     epochs: int = option(40, "number of epochs (with --resume: a larger number extends the run)")
     batch_size: int = option(32, "images per batch")
@@ -157,8 +162,13 @@ class TrainConfig:
         """(preset, its own view) of every --model entry: "deep-small:none-equalize" -> ("deep-small",
         ("none", "equalize")), trained on that view only; "default" -> ("default", None), on every
         view of --lungs x --intensity."""
-        entries = [entry.partition(":") for entry in self.model.split(",")]
+        entries = [entry.partition(":") for entry in self.model.split(",") if entry != TEXTURE]
         return tuple((name, view_pairs(view, "none")[0] if view else None) for name, _, view in entries)
+
+    @property
+    def texture(self) -> bool:
+        """Does --model join the lung-texture model (covidct.texture) to the ensemble?"""
+        return TEXTURE in self.model.split(",")
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -168,7 +178,7 @@ class TrainConfig:
     @property
     def is_ensemble(self) -> bool:
         """Does this recipe train several models (--members, several views or presets)?"""
-        return self.members > 1 or len(self.views) > 1 or len(self.model_views) > 1
+        return self.members > 1 or len(self.views) > 1 or len(self.model_views) > 1 or self.texture
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -204,13 +214,17 @@ class TrainConfig:
         entries, unknown = self.model.split(","), []
         for entry in entries:
             name, _, view = entry.partition(":")
-            if name not in PRESETS or view and views_error(view, "none"):
+            if entry != TEXTURE and (name not in PRESETS or view and views_error(view, "none")):
                 unknown.append(entry)
         if unknown or len(set(entries)) < len(entries):
             raise CovidCTError(f"--model must be one of {', '.join(PRESETS)}, each optionally with a view of its "
                                f"own (deep-small:none-equalize), or several different ones joined by commas "
-                               f"(default,deep-small), got {self.model!r}")
-        if len(entries) == 1 and ":" in self.model:
+                               f"(default,deep-small), and optionally 'texture', got {self.model!r}")
+        if not self.model_views:
+            raise CovidCTError(f"--model {self.model}: the texture model joins an ensemble of CNNs; name a CNN "
+                               f"preset too (--model default,texture)")
+        entries = [entry for entry in entries if entry != TEXTURE]
+        if len(entries) == 1 and ":" in entries[0]:
             raise CovidCTError(f"--model {self.model}: a view of its own is for one preset among several; for one "
                                f"model give its view with --lungs and --intensity")
         lung_views = view_pairs(self.lungs, self.intensity)
@@ -672,17 +686,39 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
             checkpoints.append(str(trainer.run_dir / "best.npz"))
         if not root:
             return {"run_dir": str(out)}
-        scores = combine_probabilities([predict_checkpoint(path, view_data[view_index].val_images, config.device,
-                                                           tta=config.tta)
-                                        for path, (view_index, *_) in zip(checkpoints, plan)])
+        val_scores = [predict_checkpoint(path, view_data[view_index].val_images, config.device, tta=config.tta)
+                      for path, (view_index, *_) in zip(checkpoints, plan)]
+        textures = []
+        if config.texture:
+            texture, texture_scores = fit_texture_member(data.train_paths, data.train_labels, data.val_paths,
+                                                         seed=config.seed, log=log)
+            textures, val_scores = [texture], val_scores + [texture_scores]
+        scores = combine_probabilities(val_scores)
         threshold = choose_threshold(data.val_labels, scores, config.target_sensitivity)
-        title = f"validation, ensemble of {len(plan)} models"
+        title = f"validation, ensemble of {len(val_scores)} models"
         metrics = write_evaluation(out, data.val_labels, scores, data.val_paths, threshold, title=title)
         ensemble = save_ensemble(out / "ensemble.npz", checkpoints, threshold, tta=config.tta,
-                                 info={"val": metrics["threshold"]})
-        log(report_text(data.val_labels, scores, threshold, f"validation split, ensemble of {len(plan)} models"))
-        return {"members": len(plan), "threshold": threshold, "val": metrics["threshold"],
+                                 info={"val": metrics["threshold"]}, textures=textures)
+        log(report_text(data.val_labels, scores, threshold, f"validation split, ensemble of {len(val_scores)} models"))
+        return {"members": len(val_scores), "threshold": threshold, "val": metrics["threshold"],
                 "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(out), "checkpoint": str(ensemble)}
+
+
+def fit_texture_member(train_paths, train_labels, test_paths, seed: int = 0, log=print):
+    """The lung-texture member of an ensemble (covidct.texture), fitted on the training slices' files
+    (its L2 strength by an inner CV grouped by source) -> (TextureMember, its P(COVID) on test_paths).
+    Deterministic; about 0.07 s a slice for the features."""
+    from .sources import slice_groups
+    from .texture import fit_texture, texture_features
+
+    missing = [path for path in list(train_paths) + list(test_paths) if not Path(path).is_file()]
+    if missing:
+        raise CovidCTError(f"the texture model reads each slice's file; {missing[0]} is not one (use --model "
+                           f"without 'texture' for images given in memory)")
+    log(f"texture model: lung-texture features of {len(train_paths)} + {len(test_paths)} slices ...")
+    texture = fit_texture(texture_features(train_paths), train_labels, slice_groups(train_paths, train_labels),
+                          seed=seed)
+    return texture, texture.p_covid(texture_features(test_paths))
 
 
 def finished(trainer: Trainer) -> bool:

@@ -247,13 +247,14 @@ def _load_split(checkpoint, data_root, split, cache_dir=None, device="cpu"):
     from .data import read_dataset
     from .evaluate import predict_proba
     from .preprocess import Preprocess, load_images
+    from .texture import texture_inputs
 
     model, meta = load_checkpoint(checkpoint, device)
     preprocess = Preprocess.from_dict(meta["preprocess"])
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     dataset = read_dataset(data_root, split=split)
     images, labels, paths = load_images(dataset, preprocess, cache_dir=cache_dir)
-    probs = predict_proba(model, images, mean, std, device=device)
+    probs = predict_proba(model, images, mean, std, device=device, features=texture_inputs(model, paths))
     return model, meta, images, labels, paths, probs
 
 
@@ -338,6 +339,7 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
     """
     from .evaluate import predict_proba
     from .preprocess import Preprocess, input_lung_mask, load_image, read_gray
+    from .texture import texture_inputs
 
     if cam_target not in ("predicted", "covid"):
         raise CovidCTError(f"cam_target must be 'predicted' or 'covid', got {cam_target!r}")
@@ -393,7 +395,8 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
             after = _file_format(new_path)
             entry["after"][after] = entry["after"].get(after, 0) + 1
             swapped.append(load_image(new_path, preprocess))
-    swapped_probs = predict_proba(model, np.stack(swapped), mean, std, device=device)
+        swapped_features = texture_inputs(model, sorted(Path(tmp).iterdir()))   # 00000.png, 00001.jpg, ...
+    swapped_probs = predict_proba(model, np.stack(swapped), mean, std, device=device, features=swapped_features)
     swapped_pred = (swapped_probs >= threshold).astype(np.int64)
     pixel_change = float(np.abs(np.stack(swapped) - images).mean())
     reencoded = {

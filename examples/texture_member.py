@@ -1,17 +1,19 @@
 """Cross-validate the lung-texture logistic regression on the folds of a finished `covidct cv` run.
 
-    python examples/texture_member.py runs/cv-default-covid-ct                 # -> runs/cv-default-covid-ct-texture
-    covidct cv-join runs/cv-default-covid-ct:none-window-default ... runs/cv-default-covid-ct-texture
+    python examples/texture_member.py runs/cv-a                  # -> runs/cv-a-texture
+    covidct cv-join runs/cv-a:none-window-default ... runs/cv-a-texture:texture
+
+The default recipe holds the texture model already (`--model ...,texture`: `covidct cv` fits it
+per fold, `covidct train` saves it in ensemble.npz). This adds it, afterwards, to a run made
+without it (another recipe, or one trained before session 13), to see what it would bring.
 
 For every repeat and fold of RUN (its oof.csv: the same slices held out), it fits
 ``covidct.texture``'s logistic regression on the other folds' slices (the L2 strength chosen by an
-inner grouped CV on them alone) and scores the held-out ones; it writes OUT/oof.csv in the format of
-`covidct cv`, so `covidct cv-join` joins it with RUN's models like any other run, and prints its own
+inner grouped CV on them alone: ``covidct.cv.fit_fold_textures``, as `covidct cv` does) and scores
+the held-out ones; it writes OUT/oof.csv in the format of `covidct cv` (and OUT/r<R>-fold<F>-texture/
+heldout.csv), so `covidct cv-join` joins it with RUN's models like any other run, and prints its own
 table and RUN joined with it as one more member (each of RUN's models and the texture model weigh
-alike). About 1 min for COVID-CT's 543 slices on 2 cores.
-
-It measures; it does not make a checkpoint: the texture model is not (yet) a member that
-`covidct train` saves in ensemble.npz (README, "Session 12").
+alike, as in the saved ensemble). About 1 min for COVID-CT's 543 slices on 2 cores.
 """
 import argparse
 import json
@@ -23,26 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from covidct.cli import run_reporting_errors  # noqa: E402
-from covidct.cv import (choose_oof_threshold, fold_columns_of, format_cv_table, join_runs, model_names,  # noqa: E402
-                        probability_column, read_oof, summarize)
+from covidct.cv import (choose_oof_threshold, fit_fold_textures, fold_columns_of, format_cv_table,  # noqa: E402
+                        join_runs, model_names, probability_column, read_oof, summarize)
 from covidct.errors import CovidCTError  # noqa: E402
-from covidct.texture import choose_l2, fit_logistic, slice_texture_features  # noqa: E402
-
-
-def texture_oof(frame, features) -> tuple[np.ndarray, list[float]]:
-    """Held-out P(COVID) of the texture model, (repeats, N) for the repeats of an oof.csv table,
-    and the L2 strength chosen for each fold."""
-    labels = frame["label"].to_numpy(np.int64)
-    groups = frame["source"].astype(str).to_numpy()
-    fold_table = frame[fold_columns_of(frame)].to_numpy(np.int64).T              # (repeats, N)
-    log_odds, chosen = np.full(fold_table.shape, np.nan), []
-    for repeat, folds in enumerate(fold_table):
-        for fold in np.unique(folds):
-            train = folds != fold
-            l2 = choose_l2(features[train], labels[train], groups[train], seed=int(fold))
-            log_odds[repeat, ~train] = fit_logistic(features[train], labels[train], l2).log_odds(features[~train])
-            chosen.append(l2)
-    return 1.0 / (1.0 + np.exp(-log_odds)), chosen
 
 
 def main(argv=None) -> int:
@@ -61,18 +46,24 @@ def run(args) -> int:
     if missing:
         raise CovidCTError(f"{missing[0]}: no such file ({len(missing)} of the slices in {run_dir / 'oof.csv'} "
                            f"are missing); run this where the run's data is")
-    print(f"lung-texture features of {len(frame)} slices ...")
-    features = np.stack([slice_texture_features(path) for path in frame["file"]])
-    oof, chosen = texture_oof(frame, features)
+    if (run_dir / "r0-fold0-texture").is_dir():
+        raise CovidCTError(f"{run_dir}: holds the texture model already (r0-fold0-texture/; --model ...,texture); "
+                           f"its oof.csv includes it")
     fold_columns = fold_columns_of(frame)
+    labels = frame["label"].to_numpy(np.int64)
+    fitted = fit_fold_textures(out, list(frame["file"]), labels, frame["source"].astype(str).to_numpy(),
+                               frame[fold_columns].to_numpy(np.int64).T)
+    oof = np.full((len(fold_columns), len(frame)), np.nan)                 # (repeats, N)
+    for (repeat, fold), (_, scores) in fitted.items():
+        oof[repeat, frame[fold_columns[repeat]].to_numpy() == fold] = scores
     table = frame[["file", "label", "source"]].assign(p_covid=oof.mean(axis=0))
     for fold_column, probabilities in zip(fold_columns, oof):
         table[fold_column] = frame[fold_column]
         table[probability_column(fold_column)] = probabilities
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "oof.csv", index=False)
-    (out / "texture.json").write_text(json.dumps({"run": str(run_dir), "l2_per_fold": chosen}, indent=2) + "\n")
-    labels, scores = table["label"].to_numpy(np.int64), table["p_covid"].to_numpy()
+    l2 = {f"r{repeat}-fold{fold}": texture.l2 for (repeat, fold), (texture, _) in fitted.items()}
+    (out / "texture.json").write_text(json.dumps({"run": str(run_dir), "l2_per_fold": l2}, indent=2) + "\n")
+    scores = table["p_covid"].to_numpy()
     threshold, rule = choose_oof_threshold(labels, scores, None)
     alone = summarize(labels, scores, oof, frame[fold_columns].to_numpy().T, threshold, rule)
     low, high = alone["pooled_auc_ci95"]

@@ -69,3 +69,105 @@ def test_texture_member_example_writes_a_run_that_cv_join_takes(tmp_path, capsys
     assert example.main([str(tmp_path / "nowhere")]) == 2
     error = capsys.readouterr().err
     assert "no such file" in error and len(error.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ the texture member in saved ensembles
+@pytest.fixture(scope="module")
+def texture_run(tmp_path_factory):
+    """A tiny ensemble with the texture member (--model tiny,texture) trained on a phantom -> (data, run)."""
+    from covidct.train import train
+
+    root = tmp_path_factory.mktemp("texture-run")
+    data = write_dataset(root / "data", n=40, seed=5, size=64)
+    train(tiny_train_config(data, root / "run", epochs=1, lungs="none,crop", model="tiny,texture"),
+          log=lambda *_: None)
+    return data, root / "run"
+
+
+def test_saved_ensemble_predicts_with_its_texture_member_as_on_validation(texture_run):
+    import pandas as pd
+    from covidct.checkpoint import load_checkpoint
+    from covidct.predict import predict_files
+
+    data, run = texture_run
+    model, meta = load_checkpoint(run / "ensemble.npz")
+    assert len(model.members) == 2 and len(model.textures) == 1 and meta["textures"][0]["features"] == N_FEATURES
+    assert meta["textures"][0]["l2"] in L2_GRID
+    saved = pd.read_csv(run / "predictions.csv")           # the validation scores train_members combined
+    rows, failures, _ = predict_files(run / "ensemble.npz", list(saved["file"]))
+    assert not failures
+    np.testing.assert_allclose([row["p_covid"] for row in rows], saved["p_covid"], atol=1e-5)
+
+
+def test_texture_member_changes_the_prediction_and_is_required(texture_run):
+    from covidct.checkpoint import load_checkpoint
+    from covidct.ensemble import Ensemble, reads_texture
+    from covidct.errors import CovidCTError
+    from covidct.evaluate import predict_proba
+    from covidct.preprocess import Preprocess, load_images
+    from covidct.data import read_dataset
+    from covidct.texture import texture_features
+
+    data, run = texture_run
+    model, meta = load_checkpoint(run / "ensemble.npz")
+    images, labels, paths = load_images(read_dataset(data, split="val"), Preprocess.from_dict(meta["preprocess"]))
+    with pytest.raises(CovidCTError, match="lung-texture member"):
+        predict_proba(model, images, 0.0, 1.0)
+    features = texture_features(paths)
+    with_texture = predict_proba(model, images, 0.0, 1.0, features=features)
+    cnns = Ensemble(model.members, model.normalizations, model.tta, model.views, model.combine, model.frame_views)
+    assert reads_texture(model) and not reads_texture(cnns)
+    without = predict_proba(cnns, images, 0.0, 1.0)
+    texture = model.textures[0].p_covid(features)
+    log_odds = lambda p: np.log(p) - np.log1p(-p)             # noqa: E731
+    # three members alike: the mean log-odds of the two CNNs (each with its mirror image) and the texture model
+    np.testing.assert_allclose(log_odds(with_texture), (2 * log_odds(without) + log_odds(texture)) / 3, atol=1e-4)
+
+
+def test_texture_ensemble_export_and_cli(texture_run, tmp_path):
+    import subprocess
+    import sys
+
+    data, run = texture_run
+    onnx = subprocess.run([sys.executable, "-m", "covidct", "export", "--checkpoint", str(run / "ensemble.npz"),
+                           "--format", "onnx", "--out", str(tmp_path / "model.onnx")], capture_output=True, text=True)
+    assert onnx.returncode != 0 and "lung-texture members" in onnx.stderr and "Traceback" not in onnx.stderr
+    assert len(onnx.stderr.strip().splitlines()) == 1
+    evaluate = subprocess.run([sys.executable, "-m", "covidct", "evaluate", "--checkpoint", str(run / "ensemble.npz"),
+                               "--data", str(data), "--split", "val", "--out", str(tmp_path / "eval")],
+                              capture_output=True, text=True)
+    assert evaluate.returncode == 0, evaluate.stderr
+    import pandas as pd
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "eval" / "predictions.csv")["p_covid"],
+                               pd.read_csv(run / "predictions.csv")["p_covid"], atol=1e-5)
+
+
+@pytest.mark.parametrize("model, message", [("texture", "name a CNN preset too"),
+                                            ("tiny,texture:crop", "optionally 'texture'"),
+                                            ("tiny,texture,texture", "optionally 'texture'")])
+def test_texture_entry_of_model_is_checked(model, message):
+    from covidct.errors import CovidCTError
+    from covidct.train import TrainConfig
+
+    with pytest.raises(CovidCTError, match=message):
+        TrainConfig(model=model).validate()
+    default = TrainConfig()
+    assert default.texture and default.is_ensemble and len(default.model_views) == 3
+    assert TrainConfig(model="tiny,texture", lungs="none").is_ensemble
+
+
+def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
+    from covidct.checkpoint import load_checkpoint
+    from covidct.cv import model_names
+
+    data = write_dataset(tmp_path / "data", n=40, seed=8, size=64)
+    config = tiny_train_config(data, tmp_path / "cv", epochs=1, lungs="none", model="tiny,texture", tta=False)
+    result = cross_validate(config, folds=2, log=lambda *_: None)
+    assert model_names(tmp_path / "cv") == ["texture"]                       # r<R>-fold<F>-texture/heldout.csv
+    cnn = cross_validate(tiny_train_config(data, tmp_path / "cnn", epochs=1, lungs="none", tta=False), folds=2,
+                         log=lambda *_: None)
+    joined = join_runs([tmp_path / "cnn", f"{tmp_path / 'cv'}:texture"])   # the same CNN folds + the texture model
+    assert result["pooled"]["auc"] == pytest.approx(joined["pooled"]["auc"])
+    assert cnn["pooled"]["auc"] != result["pooled"]["auc"] or cnn["threshold"] != result["threshold"]
+    model, meta = load_checkpoint(tmp_path / "cv" / "ensemble.npz")
+    assert len(model.members) == 2 and len(model.textures) == 2               # one CNN and one texture model a fold
