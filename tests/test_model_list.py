@@ -105,7 +105,7 @@ def test_cv_trains_every_preset_per_fold_and_combines_them(tmp_path):
 
 def test_a_preset_may_take_a_view_of_its_own(tmp_path):
     config = TrainConfig(data="x")                                                # the default recipe
-    assert (config.model, config.lungs) == ("default,deep-small,deep-small:none-equalize", "none-window,crop")
+    assert (config.model, config.lungs) == ("default,deep-small,deep-small:none-equalize,texture", "none-window,crop")
     config.validate()
     assert config.views == (("none", "window"), ("crop", "none"), ("none", "equalize"))
     assert [(view, c.model, c.lungs, c.intensity, suffix) for view, c, suffix, _ in ensemble_members(config)] == [
