@@ -193,8 +193,8 @@ def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return
     if not return_logits:
         return heatmaps
     with _Quiet(ensemble), mc.no_grad():
-        logits = np.concatenate([mc.as_numpy(ensemble(x[start:start + batch_size]) if features is None else
-                                             ensemble(x[start:start + batch_size], features[start:start + batch_size]))
+        logits = np.concatenate([mc.as_numpy(ensemble(x[start:start + batch_size],
+                                                      None if features is None else features[start:start + batch_size]))
                                  for start in range(0, len(x), batch_size)])
     return heatmaps, logits
 

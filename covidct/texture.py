@@ -39,8 +39,8 @@ from scipy import ndimage
 import minicnn as mc
 
 __all__ = ["TEXTURE_VIEW", "TEXTURE_VERSION", "N_FEATURES", "L2_GRID", "lung_texture_features",
-           "gray_texture_features", "slice_texture_features", "texture_features", "texture_inputs", "LogisticModel", "fit_logistic",
-           "choose_l2", "fit_texture", "TextureMember"]
+           "gray_texture_features", "slice_texture_features", "texture_features", "texture_inputs",
+           "LogisticModel", "fit_logistic", "choose_l2", "fit_texture", "TextureMember"]
 
 TEXTURE_VIEW = dict(size=224, resize="stretch", lungs="none", intensity="window")   # covidct.preprocess.Preprocess
 TEXTURE_VERSION = 1                   # of the feature definition below: checkpoints store it
