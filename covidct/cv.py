@@ -20,10 +20,11 @@ drawn R times (different seeds) and each slice's OOF probability is the mean ove
 repeats. With config.tta (the default; --no-tta) each model scores the slice and its
 mirror image, joined like ensemble members. With --members M,
 several --lungs views V or several --model presets P (recipe options, as in covidct train;
-the default: five CNNs and the texture model, covidct.train.ensemble_members) every fold trains M x V x P models
+the default: three CNNs and two texture models, covidct.train.ensemble_members) every fold trains M x V x P models
 (seeds: weights, order, augmentation; views: whole slice, lung crop; presets: default,
 deep-small; a PRESET:VIEW entry adds one model on its own view; a ``texture`` entry adds the
-lung-texture logistic regression, fitted per fold on the same training slices:
+lung-texture logistic regression, ``texture:none-equalize`` another on the equalised slice, fitted per
+fold on the same training slices:
 ``fit_fold_textures``), and the fold's held-out probability is their combination as the
 ensemble makes it (the
 normalised geometric mean, covidct.ensemble): the OOF figures then measure the
@@ -277,15 +278,15 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
             f"({time.perf_counter() - started:.0f}s so far)")
     if jobs > 1 and todo:
         pool.shutdown()
-    textures = fit_fold_textures(out, paths, labels, groups, fold_table, extra, log) if config.texture else {}
+    textures = (fit_fold_textures(out, paths, labels, groups, fold_table, extra, log, config.texture_intensities)
+                if config.texture else {})
     for repeat in range(repeats):
         for fold in range(folds):
             held_out = [done[repeat, fold, number] for number in range(len(plan))]
-            if textures:
-                held_out.append(textures[repeat, fold][1])
+            held_out += [scores for _, scores in textures.get((repeat, fold), [])]
             oof[repeat, fold_table[repeat] == fold] = combine_probabilities(held_out)
     fold_models = [str(Path(c.out) / "best.npz") for repeat, _, _, c, _, _ in tasks if repeat == 0]
-    fold_textures = [textures[0, fold][0] for fold in range(folds)] if textures else []
+    fold_textures = [texture for fold in range(folds) for texture, _ in textures.get((0, fold), [])]
 
     scores = oof.mean(axis=0)
     threshold, rule = choose_oof_threshold(labels, scores, target)
@@ -300,18 +301,22 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
     return result
 
 
-def fit_fold_textures(out: Path, paths, labels, groups, fold_table, extra=None, log=print) -> dict:
-    """The texture model (covidct.texture) of every repeat and fold, fitted on the fold's training
-    slices (+ any extra training data) -> {(repeat, fold): (TextureMember, P(COVID) on the held-out
-    slices)}; each fold's held-out predictions also go to r<R>-fold<F>-texture/heldout.csv, so that
-    cv-join takes RUN:texture like any other model. Fast (seconds a fold) and deterministic, so a
+def fit_fold_textures(out: Path, paths, labels, groups, fold_table, extra=None, log=print,
+                      intensities=("window",)) -> dict:
+    """The texture models (covidct.texture), one per gray scale of ``intensities``, of every repeat and
+    fold, fitted on the fold's training slices (+ any extra training data) -> {(repeat, fold):
+    [(TextureMember, P(COVID) on the held-out slices) per gray scale]}; each one's held-out predictions
+    also go to r<R>-fold<F>-<texture_name>/heldout.csv (``texture``, ``texture-none-equalize``), so
+    that cv-join takes RUN:texture like any other model. Fast (seconds a fold) and deterministic, so a
     resumed run fits them again."""
-    from .texture import fit_texture, texture_features
+    from .texture import N_FEATURES, fit_texture, texture_features, texture_name
 
-    log(f"texture model: lung-texture features of {len(paths) + (len(extra[2]) if extra else 0)} slices ...")
-    features, groups = texture_features(paths), np.asarray(groups)
+    log(f"texture models ({', '.join(intensities)}): lung-texture features of "
+        f"{len(paths) + (len(extra[2]) if extra else 0)} slices ...")
+    features, groups = texture_features(paths, intensities), np.asarray(groups)
     if extra is not None:
-        extra_features, extra_groups = texture_features(extra[2]), np.asarray(slice_groups(extra[2], extra[1]))
+        extra_features = texture_features(extra[2], intensities)
+        extra_groups = np.asarray(slice_groups(extra[2], extra[1]))
     fitted = {}
     for repeat, folds in enumerate(fold_table):
         for fold in np.unique(folds):
@@ -320,15 +325,20 @@ def fit_fold_textures(out: Path, paths, labels, groups, fold_table, extra=None, 
             if extra is not None:
                 x, y = np.concatenate([x, extra_features]), np.concatenate([y, extra[1]])
                 g = np.concatenate([g, extra_groups])
-            texture = fit_texture(x, y, g, seed=int(fold))
-            scores = texture.p_covid(features[test])
-            fold_dir = out / f"r{repeat}-fold{fold}-texture"
-            fold_dir.mkdir(parents=True, exist_ok=True)
-            write_heldout(fold_dir, [p for p, keep in zip(paths, test) if keep], scores)
-            fitted[repeat, int(fold)] = texture, scores
-    aucs = [roc_auc(labels[folds == fold], fitted[repeat, int(fold)][1])
-            for repeat, folds in enumerate(fold_table) for fold in np.unique(folds)]
-    log(f"texture model: held-out AUC {np.mean(aucs):.3f} +/- {np.std(aucs):.3f} over {len(aucs)} folds")
+            fitted[repeat, int(fold)] = []
+            for index, intensity in enumerate(intensities):
+                columns = slice(index * N_FEATURES, (index + 1) * N_FEATURES)   # this gray scale's features
+                texture = fit_texture(x[:, columns], y, g, seed=int(fold), intensity=intensity)
+                scores = texture.p_covid(features[test][:, columns])
+                fold_dir = out / f"r{repeat}-fold{fold}-{texture_name(intensity)}"
+                fold_dir.mkdir(parents=True, exist_ok=True)
+                write_heldout(fold_dir, [p for p, keep in zip(paths, test) if keep], scores)
+                fitted[repeat, int(fold)].append((texture, scores))
+    for index, intensity in enumerate(intensities):
+        aucs = [roc_auc(labels[folds == fold], fitted[repeat, int(fold)][index][1])
+                for repeat, folds in enumerate(fold_table) for fold in np.unique(folds)]
+        log(f"texture model ({intensity}): held-out AUC {np.mean(aucs):.3f} +/- {np.std(aucs):.3f} "
+            f"over {len(aucs)} folds")
     return fitted
 
 
@@ -488,7 +498,8 @@ def recipe_text(config) -> str:
 
     text = f" x {config.members} seeds per fold" if config.members > 1 else ""
     views, models, plan = len(config.views), len(config.model_views), len(ensemble_members(config)) // config.members
-    texture = " + the lung-texture model" if config.texture else ""
+    count = len(config.texture_intensities)
+    texture = " + the lung-texture model" if count == 1 else f" + {count} lung-texture models" if count else ""
     if views * models != plan:
         return (text + f" x {plan} models{texture} (--model {config.model} --lungs {config.lungs} "
                 f"--intensity {config.intensity})")

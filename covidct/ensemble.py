@@ -30,9 +30,10 @@ own normalisation is the identity (mean 0, std 1).
 Texture members (covidct.texture.TextureMember, in the default recipe): logistic regressions on
 each slice's lung-texture features, computed from the slice itself at 224 px (not from the
 CNNs' input), so the ensemble then takes them beside the pixels: ``forward(x, features)``,
-features (N, 94) from covidct.texture.texture_features(paths) (``reads_texture(model)`` says
-whether a model needs them). Each texture member is one more member of the combination, weighing
-as much as a CNN member with its mirror images.
+features (N, 94 x T) from covidct.texture.texture_inputs(model, paths): 94 per texture member, on
+its own gray scale (``TextureMember.intensity``), in order (``reads_texture(model)`` says whether a
+model needs them). Each texture member is one more member of the combination, weighing as much as a
+CNN member with its mirror images.
 
 Grad-CAM (covidct.gradcam) averages the heatmaps of the CNN members that read a channel cut
 like channel 0 (the picture that is shown, however its gray scale is calibrated; a lung crop's
@@ -120,14 +121,17 @@ class Ensemble(mc.Module):
         return (x - np.float32(mean)) / np.float32(std)
 
     def forward(self, x, features=None):
-        """x: (N, C, H, W) in [0, 1] (identity-normalised), features: (N, 94) lung-texture features of the
-        same slices (covidct.texture; only for an ensemble with texture members)
-        -> log of the combined probability (N, classes)."""
+        """x: (N, C, H, W) in [0, 1] (identity-normalised), features: (N, 94 x T) lung-texture features of
+        the same slices, 94 per texture member (covidct.texture.texture_inputs; only for an ensemble with
+        T texture members) -> log of the combined probability (N, classes)."""
+        from .texture import N_FEATURES
+
         xp = mc.get_array_module(x)
-        if self.textures and (features is None or len(features) != len(x)):
+        width = N_FEATURES * len(self.textures)
+        if self.textures and (features is None or np.shape(features) != (len(x), width)):
             raise CovidCTError(f"this ensemble has {len(self.textures)} lung-texture member(s): give the "
-                               f"{len(x)} slices' texture features beside their pixels "
-                               f"(covidct.texture.texture_features)")
+                               f"{len(x)} slices' texture features beside their pixels, shape ({len(x)}, {width}) "
+                               f"(covidct.texture.texture_inputs)")
         flips = [x, xp.ascontiguousarray(x[..., ::-1])] if self.tta else [x]
         total = 0.0
         for index, model in enumerate(self.members):
@@ -136,8 +140,10 @@ class Ensemble(mc.Module):
                 shifted = logits - logits.max(axis=1, keepdims=True)
                 log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
                 total = total + (log_probs if self.combine == "geometric" else xp.exp(log_probs))
-        for texture in self.textures:                   # each weighs as one CNN member with its flips
-            log_odds = np.asarray(texture(features), np.float64)[:, None]   # (N, 1)
+        features = mc.as_numpy(features) if self.textures else None       # texture members run on the host
+        for index, texture in enumerate(self.textures):  # each weighs as one CNN member with its flips
+            own = features[:, index * N_FEATURES:(index + 1) * N_FEATURES]  # (N, 94): its gray scale
+            log_odds = np.asarray(texture(own), np.float64)[:, None]       # (N, 1)
             log_probs = -np.logaddexp(0.0, np.concatenate([log_odds, -log_odds], axis=1))  # log [1-p, p]
             log_probs = xp.asarray(log_probs.astype(np.float32))
             total = total + len(flips) * (log_probs if self.combine == "geometric" else xp.exp(log_probs))
@@ -193,8 +199,8 @@ def save_ensemble(path, member_checkpoints, threshold: float, tta: bool = False,
 
     ensemble = Ensemble(models, [(m["normalization"]["mean"], m["normalization"]["std"]) for m in metas], tta,
                         views=channels, combine=combine, frame_views=joined.frame_views, textures=textures)
-    texture_metas = [{"version": TEXTURE_VERSION, "view": dict(TEXTURE_VIEW), "features": N_FEATURES, "l2": t.l2}
-                     for t in textures]
+    texture_metas = [{"version": TEXTURE_VERSION, "view": {**TEXTURE_VIEW, "intensity": t.intensity},
+                      "features": N_FEATURES, "l2": t.l2} for t in textures]
     metadata = {"kind": KIND, "members": metas, "textures": texture_metas, "tta": bool(tta), "combine": combine,
                 "threshold": float(threshold), "preprocess": joined.to_dict(),
                 "normalization": {"mean": 0.0, "std": 1.0}, "model_config": metas[0]["model_config"],
@@ -209,14 +215,16 @@ def build_ensemble(metadata: dict) -> Ensemble:
 
     from .preprocess import Preprocess
 
-    from .texture import N_FEATURES, TEXTURE_VERSION, TextureMember
+    from .texture import N_FEATURES, TEXTURE_INTENSITIES, TEXTURE_VERSION, TextureMember
 
     members = metadata["members"]
     textures = metadata.get("textures", [])                 # ensembles saved before session 13: none
     for t in textures:
-        if not isinstance(t, dict) or t.get("version") != TEXTURE_VERSION or t.get("features") != N_FEATURES:
+        if (not isinstance(t, dict) or t.get("version") != TEXTURE_VERSION or t.get("features") != N_FEATURES
+                or not isinstance(t.get("view"), dict) or t["view"].get("intensity") not in TEXTURE_INTENSITIES):
             raise CovidCTError(f"ensemble texture member {t}: expected version {TEXTURE_VERSION} with "
-                               f"{N_FEATURES} features (this covidct's covidct.texture)")
+                               f"{N_FEATURES} features on a gray scale of {', '.join(TEXTURE_INTENSITIES)} "
+                               f"(this covidct's covidct.texture)")
     preprocess = Preprocess.from_dict(metadata["preprocess"])
     n_views = len(preprocess.views)
     for m in members:
@@ -229,4 +237,4 @@ def build_ensemble(metadata: dict) -> Ensemble:
                     views=[int(m.get("view", 0)) for m in members] if multiview else None,
                     combine=metadata.get("combine", "mean"),
                     frame_views=preprocess.frame_views,
-                    textures=[TextureMember(l2=t.get("l2", 0.0)) for t in textures])
+                    textures=[TextureMember(l2=t.get("l2", 0.0), intensity=t["view"]["intensity"]) for t in textures])

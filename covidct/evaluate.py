@@ -28,7 +28,7 @@ def softmax(logits) -> np.ndarray:
 def predict_logits(model: mc.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 64,
                    device: str = "cpu", features=None) -> np.ndarray:
     """images (N, C, H, W) in [0, 1] -> host logits (N, classes), computed in eval mode, batch by batch.
-    features: the slices' lung-texture features (N, 94), for an ensemble with texture members
+    features: the slices' lung-texture features (N, 94 x T), for an ensemble with T texture members
     (covidct.ensemble.reads_texture; covidct.texture.texture_features)."""
     was_training = model.training
     model.eval()

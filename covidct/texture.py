@@ -1,23 +1,25 @@
 """Lung texture: hand-made statistics of the gray levels inside the lung mask, and a logistic regression on them.
 
     lung_texture_features(gray, mask)            -> (94,) float64 features of one slice
-    gray_texture_features(gray)                  -> the same of a whole slice (h, w), read as TEXTURE_VIEW
-    texture_features(paths)                      -> (N, 94) of image files
+    gray_texture_features(gray, intensities)     -> the same of a whole slice (h, w), read as TEXTURE_VIEW,
+                                                    for each gray scale in intensities: (94 x T,)
+    texture_features(paths, intensities)         -> (N, 94 x T) of image files
     texture_inputs(model, paths | grays)         -> those features when the model takes them, else None
     fit_logistic(features, labels, l2)           -> LogisticModel: standardisation + weights; .log_odds(features)
     choose_l2(features, labels, groups, seed)    -> the L2 strength with the best inner grouped-CV AUC
     fit_texture(features, labels, groups, seed)  -> TextureMember: choose_l2, then fit_logistic on them all
-    TextureMember(model)                         -> the fitted regression as an ensemble member (covidct.ensemble)
+    TextureMember(model, l2, intensity)          -> the fitted regression as an ensemble member (covidct.ensemble)
 
 Why: the CNNs of the default recipe read each slice at 128 px, where the fine texture of
 ground-glass opacities is mostly gone, and their Grad-CAM heat has no preferred place relative
 to the lungs. These features look only inside the lung mask, at 224 px. Alone they rank
 COVID-CT slices worse than a CNN (cross-validated AUC ~0.74 against ~0.81), but they err
-elsewhere: joined with the default's five CNNs as a sixth member they gained on every
-fold draw measured (README, "Cross-validated results"). The default recipe (``--model
-...,texture``, covidct.train) fits it on the training slices and saves it in ensemble.npz as a
-TextureMember beside the CNNs; the ensemble then takes each slice's features beside its pixels
-(covidct.ensemble), computed from the slice itself at 224 px, not from the CNNs' 128 px input.
+elsewhere: joined with the session-10 default's five CNNs as a sixth member they gained on every
+fold draw measured (README, "Cross-validated results"), and the default recipe now has two of them
+beside three CNNs. The default recipe (``--model ...,texture,texture:none-equalize``, covidct.train)
+fits them on the training slices and saves them in ensemble.npz as TextureMembers beside the
+CNNs; the ensemble then takes each slice's features beside its pixels (covidct.ensemble),
+computed from the slice itself at 224 px, not from the CNNs' 128 px input.
 
 Features of a window-calibrated slice ``gray`` (H, W) in [0, 1] and its lung mask (bool):
   - 32-bin histogram of the lungs' gray levels (square roots of the shares)           32
@@ -28,6 +30,12 @@ Features of a window-calibrated slice ``gray`` (H, W) in [0, 1] and its lung mas
   - mean and sd of the gray levels in bands 0-2, 2-5, 5-10 and over 10 px in from the
     lungs' edge                                                                          8
 A slice without a plausible mask (``covidct.lungs.find_lungs``) uses the whole slice and zero bands.
+
+Gray scales (``intensity``, one texture member each; ``--model ...,texture,texture:none-equalize``):
+the lung mask is always found on the window-calibrated slice, and the features are read either
+there (``window``, the first texture member) or on the same slice histogram-equalised
+(``equalize``) or as decoded (``none``). Equalised, the same statistics rank slices about as well
+alone and err elsewhere (README, "Cross-validated results").
 """
 from __future__ import annotations
 
@@ -38,17 +46,26 @@ from scipy import ndimage
 
 import minicnn as mc
 
-__all__ = ["TEXTURE_VIEW", "TEXTURE_VERSION", "N_FEATURES", "L2_GRID", "lung_texture_features",
-           "gray_texture_features", "slice_texture_features", "texture_features", "texture_inputs",
-           "LogisticModel", "fit_logistic", "choose_l2", "fit_texture", "TextureMember"]
+from .errors import CovidCTError
+
+__all__ = ["TEXTURE_VIEW", "TEXTURE_INTENSITIES", "TEXTURE_VERSION", "N_FEATURES", "L2_GRID", "texture_name",
+           "lung_texture_features", "gray_texture_features", "slice_texture_features", "texture_features",
+           "texture_inputs", "LogisticModel", "fit_logistic", "choose_l2", "fit_texture", "TextureMember"]
 
 TEXTURE_VIEW = dict(size=224, resize="stretch", lungs="none", intensity="window")   # covidct.preprocess.Preprocess
+TEXTURE_INTENSITIES = ("window", "equalize", "none")   # gray scales a texture member may read
 TEXTURE_VERSION = 1                   # of the feature definition below: checkpoints store it
 LBP_RADII = (1, 2, 4)
 DIFF_STEPS = (1, 2, 4, 8)
 EDGE_BANDS = (2, 5, 10)               # px in from the lungs' edge
 N_FEATURES = 32 + 16 + 10 * len(LBP_RADII) + 2 * len(DIFF_STEPS) + 2 * (len(EDGE_BANDS) + 1)
 L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def texture_name(intensity: str) -> str:
+    """A texture model's name in run folders and cv-join: "texture" (window-calibrated, the first),
+    "texture-none-equalize", "texture-none" (as decoded)."""
+    return "texture" if intensity == "window" else "texture-none" + ("" if intensity == "none" else f"-{intensity}")
 
 
 def _histogram(values, bins: int, value_range=(0.0, 1.0)) -> np.ndarray:
@@ -99,28 +116,36 @@ def lung_texture_features(gray, mask) -> np.ndarray:
     return np.concatenate([np.ravel(f) for f in features]).astype(np.float64)
 
 
-def gray_texture_features(gray) -> np.ndarray:
+def gray_texture_features(gray, intensities=("window",)) -> np.ndarray:
     """lung_texture_features of a whole slice (h, w) in [0, 1] as decoded (any size), prepared as
-    TEXTURE_VIEW (window-calibrated, 224 px) with its lung mask (None when covidct.lungs finds no
-    plausible one)."""
+    TEXTURE_VIEW (224 px) with the lung mask of its window-calibrated view (None when covidct.lungs
+    finds no plausible one), read on each gray scale of ``intensities`` in turn -> (94 x T,)."""
     from .lungs import find_lungs
     from .preprocess import Preprocess, prepare_gray
 
-    view = prepare_gray(gray, Preprocess(**TEXTURE_VIEW))[0][0]                 # (224, 224)
-    lungs = find_lungs(view)
-    return lung_texture_features(view, lungs.mask if lungs.found else None)
+    def view(intensity):                                                        # (224, 224)
+        return prepare_gray(gray, Preprocess(**{**TEXTURE_VIEW, "intensity": intensity}))[0][0]
+
+    calibrated = view("window")
+    lungs = find_lungs(calibrated)
+    mask = lungs.mask if lungs.found else None
+    return np.concatenate([lung_texture_features(calibrated if intensity == "window" else view(intensity), mask)
+                           for intensity in intensities])
 
 
-def slice_texture_features(path) -> np.ndarray:
+def slice_texture_features(path, intensities=("window",)) -> np.ndarray:
     """gray_texture_features of an image file."""
     from .preprocess import read_gray
 
-    return gray_texture_features(read_gray(path))
+    return gray_texture_features(read_gray(path), intensities)
 
 
-def texture_features(paths) -> np.ndarray:
-    """(N, N_FEATURES) float64: slice_texture_features of every file (about 0.07 s a slice)."""
-    return np.stack([slice_texture_features(path) for path in paths]) if len(paths) else np.zeros((0, N_FEATURES))
+def texture_features(paths, intensities=("window",)) -> np.ndarray:
+    """(N, N_FEATURES x T) float64: slice_texture_features of every file (about 0.07 s a slice for one
+    gray scale, 0.1 s for two)."""
+    if not len(paths):
+        return np.zeros((0, N_FEATURES * len(intensities)))
+    return np.stack([slice_texture_features(path, intensities) for path in paths])
 
 
 @dataclass
@@ -175,33 +200,38 @@ def choose_l2(features, labels, groups, seed: int = 0, grid=L2_GRID, folds: int 
 
 
 def texture_inputs(model, paths=None, grays=None):
-    """The lung-texture features a model takes beside the pixels: (N, N_FEATURES) of these files (or
-    whole gray slices) when it is an ensemble with texture members (covidct.ensemble.reads_texture),
-    else None (no time spent)."""
+    """The lung-texture features a model takes beside the pixels: (N, N_FEATURES x T) of these files (or
+    whole gray slices), each texture member's gray scale in turn, when it is an ensemble with T texture
+    members (covidct.ensemble.reads_texture), else None (no time spent)."""
     from .ensemble import reads_texture
 
     if not reads_texture(model):
         return None
+    intensities = [texture.intensity for texture in model.textures]
     if grays is not None:
-        return np.stack([gray_texture_features(gray) for gray in grays])
-    return texture_features(paths)
+        return np.stack([gray_texture_features(gray, intensities) for gray in grays])
+    return texture_features(paths, intensities)
 
 
-def fit_texture(features, labels, groups, seed: int = 0) -> "TextureMember":
-    """The texture member of an ensemble, fitted on training slices only: the L2 strength by
-    choose_l2 (inner CV grouped by source), then the logistic regression on all of them."""
+def fit_texture(features, labels, groups, seed: int = 0, intensity: str = "window") -> "TextureMember":
+    """The texture member of an ensemble, fitted on training slices only (their features on the gray
+    scale ``intensity``): the L2 strength by choose_l2 (inner CV grouped by source), then the
+    logistic regression on all of them."""
     l2 = choose_l2(features, labels, groups, seed=seed)
-    return TextureMember(fit_logistic(features, labels, l2), l2)
+    return TextureMember(fit_logistic(features, labels, l2), l2, intensity)
 
 
 class TextureMember(mc.Module):
     """The lung-texture logistic regression as an ensemble member (covidct.ensemble):
-    features (N, N_FEATURES) -> log-odds of COVID (N,), on the host in float64.
+    features (N, N_FEATURES) on the gray scale ``intensity`` -> log-odds of COVID (N,), on the host in
+    float64.
 
     It is fitted (fit_texture), not trained by backprop; its arrays are buffers, so an
     ensemble's state_dict and checkpoint hold them (``texture0.mean``, ``texture0.weights``, ...)."""
 
-    def __init__(self, model: LogisticModel | None = None, l2: float = 0.0):
+    def __init__(self, model: LogisticModel | None = None, l2: float = 0.0, intensity: str = "window"):
+        if intensity not in TEXTURE_INTENSITIES:
+            raise CovidCTError(f"texture intensity {intensity!r}: expected one of {', '.join(TEXTURE_INTENSITIES)}")
         if model is None:                                                  # a shell that load_state_dict fills
             model = LogisticModel(np.zeros(N_FEATURES), np.ones(N_FEATURES), np.zeros(N_FEATURES), 0.0)
         self.register_buffer("mean", np.asarray(model.mean, np.float64))
@@ -209,6 +239,7 @@ class TextureMember(mc.Module):
         self.register_buffer("weights", np.asarray(model.weights, np.float64))
         self.register_buffer("bias", np.array([model.bias], np.float64))
         self.l2 = float(l2)
+        self.intensity = intensity
 
     def forward(self, features):
         regression = LogisticModel(*(mc.as_numpy(array) for array in (self.mean, self.scale, self.weights)),

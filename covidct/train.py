@@ -15,7 +15,8 @@ on val) and the ensemble's metrics.json, predictions.csv, roc.png, confusion.png
 (--lungs, --intensity) or presets (--model), as in the default recipe, add to the member names:
 member0-none-window-default/, member0-crop-deep-small/, ... (``ensemble_members``). A ``texture``
 entry of --model (the default's) fits the lung-texture model (covidct.texture) on the same
-training slices and saves it in ensemble.npz as one more member (``fit_texture_member``).
+training slices and saves it in ensemble.npz as one more member (``fit_texture_members``; one per
+``texture`` entry, ``texture:none-equalize`` reading the equalised slice).
 
 ``--resume RUN_DIR`` continues from last.npz; Ctrl-C or ``kill -9`` lose at most
 the epoch in progress. A NaN/inf loss stops the run with a clear message and
@@ -67,14 +68,15 @@ class TrainConfig:
     data: str = option("", "dataset: UCSD COVID-CT root, CSV manifest or class folders "
                            "(default: the generated synthetic phantom dataset)")
     out: str = option("runs/covidct", "run directory (default: runs/<model>-<data name>)")
-    model: str = option("default,deep-small,deep-small:none-equalize,texture",
+    model: str = option("default,deep-small:none-equalize,texture,texture:none-equalize",
                         "model preset: default, wide, seed (the 2020 CNNv3), deep, deep-small, resnet18, "
                         "resnet-small, tiny; several joined by commas train one model of each (per view) and save "
                         "them as one ensemble; PRESET:VIEW trains that preset on that view only; 'texture' joins "
-                        "a logistic regression on the lungs' texture at 224 px to the ensemble (covidct.texture; "
-                        "the default, chosen by cross-validation: both presets on every --lungs view, deep-small "
-                        "on the histogram-equalised whole slice, and the texture model)",
-                        metavar="PRESET[:VIEW][,...][,texture]")
+                        "a logistic regression on the lungs' texture at 224 px to the ensemble (covidct.texture), "
+                        "'texture:none-equalize' another on the histogram-equalised slice (the default, chosen by "
+                        "cross-validation: default on every --lungs view, deep-small on the equalised whole slice, "
+                        "and the two texture models)",
+                        metavar="PRESET[:VIEW][,...][,texture[:none-INTENSITY]]")
     image_size: int | None = option(None, "input size (default: the preset's)")
     epochs: int = option(40, "number of epochs (with --resume: a larger number extends the run)")
     batch_size: int = option(32, "images per batch")
@@ -162,13 +164,22 @@ class TrainConfig:
         """(preset, its own view) of every --model entry: "deep-small:none-equalize" -> ("deep-small",
         ("none", "equalize")), trained on that view only; "default" -> ("default", None), on every
         view of --lungs x --intensity."""
-        entries = [entry.partition(":") for entry in self.model.split(",") if entry != TEXTURE]
-        return tuple((name, view_pairs(view, "none")[0] if view else None) for name, _, view in entries)
+        entries = [entry.partition(":") for entry in self.model.split(",")]
+        return tuple((name, view_pairs(view, "none")[0] if view else None) for name, _, view in entries
+                     if name != TEXTURE)
+
+    @property
+    def texture_intensities(self) -> tuple[str, ...]:
+        """The gray scale of every texture model of --model (covidct.texture), in order: "texture" ->
+        "window" (the window-calibrated whole slice), "texture:none-equalize" -> "equalize"."""
+        entries = [entry.partition(":") for entry in self.model.split(",")]
+        return tuple(view_pairs(view, "none")[0][1] if view else "window" for name, _, view in entries
+                     if name == TEXTURE)
 
     @property
     def texture(self) -> bool:
-        """Does --model join the lung-texture model (covidct.texture) to the ensemble?"""
-        return TEXTURE in self.model.split(",")
+        """Does --model join a lung-texture model (covidct.texture) to the ensemble?"""
+        return bool(self.texture_intensities)
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -214,16 +225,25 @@ class TrainConfig:
         entries, unknown = self.model.split(","), []
         for entry in entries:
             name, _, view = entry.partition(":")
-            if entry != TEXTURE and (name not in PRESETS or view and views_error(view, "none")):
+            if name == TEXTURE:                 # the whole slice (lungs "none"), one gray scale of its own
+                own = view_pairs(view, "none") if view and not views_error(view, "none") else ()
+                if view and (len(own) != 1 or own[0][0] != "none"):
+                    unknown.append(entry)
+            elif name not in PRESETS or view and views_error(view, "none"):
                 unknown.append(entry)
         if unknown or len(set(entries)) < len(entries):
             raise CovidCTError(f"--model must be one of {', '.join(PRESETS)}, each optionally with a view of its "
                                f"own (deep-small:none-equalize), or several different ones joined by commas "
-                               f"(default,deep-small), and optionally 'texture', got {self.model!r}")
+                               f"(default,deep-small), and optionally 'texture' (the window-calibrated slice) "
+                               f"or 'texture:none-equalize' / 'texture:none' (its gray scale), got {self.model!r}")
+        intensities = self.texture_intensities
+        if len(set(intensities)) < len(intensities):
+            raise CovidCTError(f"--model {self.model}: two texture models on the same gray scale "
+                               f"({', '.join(intensities)})")
         if not self.model_views:
             raise CovidCTError(f"--model {self.model}: the texture model joins an ensemble of CNNs; name a CNN "
                                f"preset too (--model default,texture)")
-        entries = [entry for entry in entries if entry != TEXTURE]
+        entries = [entry for entry in entries if entry.partition(":")[0] != TEXTURE]
         if len(entries) == 1 and ":" in entries[0]:
             raise CovidCTError(f"--model {self.model}: a view of its own is for one preset among several; for one "
                                f"model give its view with --lungs and --intensity")
@@ -690,9 +710,9 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
                       for path, (view_index, *_) in zip(checkpoints, plan)]
         textures = []
         if config.texture:
-            texture, texture_scores = fit_texture_member(data.train_paths, data.train_labels, data.val_paths,
-                                                         seed=config.seed, log=log)
-            textures, val_scores = [texture], val_scores + [texture_scores]
+            textures, texture_scores = fit_texture_members(data.train_paths, data.train_labels, data.val_paths,
+                                                           config.texture_intensities, seed=config.seed, log=log)
+            val_scores = val_scores + texture_scores
         scores = combine_probabilities(val_scores)
         threshold = choose_threshold(data.val_labels, scores, config.target_sensitivity)
         title = f"validation, ensemble of {len(val_scores)} models"
@@ -704,21 +724,29 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
                 "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(out), "checkpoint": str(ensemble)}
 
 
-def fit_texture_member(train_paths, train_labels, test_paths, seed: int = 0, log=print):
-    """The lung-texture member of an ensemble (covidct.texture), fitted on the training slices' files
-    (its L2 strength by an inner CV grouped by source) -> (TextureMember, its P(COVID) on test_paths).
-    Deterministic; about 0.07 s a slice for the features."""
+def fit_texture_members(train_paths, train_labels, test_paths, intensities=("window",), seed: int = 0, log=print):
+    """The lung-texture members of an ensemble (covidct.texture), one per gray scale of ``intensities``,
+    fitted on the training slices' files (each one's L2 strength by an inner CV grouped by source) ->
+    ([TextureMember], [its P(COVID) on test_paths]). Deterministic; about 0.07 s a slice for the features
+    of one gray scale."""
     from .sources import slice_groups
-    from .texture import fit_texture, texture_features
+    from .texture import N_FEATURES, fit_texture, texture_features
 
     missing = [path for path in list(train_paths) + list(test_paths) if not Path(path).is_file()]
     if missing:
         raise CovidCTError(f"the texture model reads each slice's file; {missing[0]} is not one (use --model "
                            f"without 'texture' for images given in memory)")
-    log(f"texture model: lung-texture features of {len(train_paths)} + {len(test_paths)} slices ...")
-    texture = fit_texture(texture_features(train_paths), train_labels, slice_groups(train_paths, train_labels),
-                          seed=seed)
-    return texture, texture.p_covid(texture_features(test_paths))
+    log(f"texture models ({', '.join(intensities)}): lung-texture features of {len(train_paths)} + "
+        f"{len(test_paths)} slices ...")
+    train, test = texture_features(train_paths, intensities), texture_features(test_paths, intensities)
+    groups = slice_groups(train_paths, train_labels)
+    textures, scores = [], []
+    for index, intensity in enumerate(intensities):
+        columns = slice(index * N_FEATURES, (index + 1) * N_FEATURES)
+        texture = fit_texture(train[:, columns], train_labels, groups, seed=seed, intensity=intensity)
+        textures.append(texture)
+        scores.append(texture.p_covid(test[:, columns]))
+    return textures, scores
 
 
 def finished(trainer: Trainer) -> bool:

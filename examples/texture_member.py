@@ -54,14 +54,14 @@ def run(args) -> int:
     fitted = fit_fold_textures(out, list(frame["file"]), labels, frame["source"].astype(str).to_numpy(),
                                frame[fold_columns].to_numpy(np.int64).T)
     oof = np.full((len(fold_columns), len(frame)), np.nan)                 # (repeats, N)
-    for (repeat, fold), (_, scores) in fitted.items():
+    for (repeat, fold), [(_, scores)] in fitted.items():
         oof[repeat, frame[fold_columns[repeat]].to_numpy() == fold] = scores
     table = frame[["file", "label", "source"]].assign(p_covid=oof.mean(axis=0))
     for fold_column, probabilities in zip(fold_columns, oof):
         table[fold_column] = frame[fold_column]
         table[probability_column(fold_column)] = probabilities
     table.to_csv(out / "oof.csv", index=False)
-    l2 = {f"r{repeat}-fold{fold}": texture.l2 for (repeat, fold), (texture, _) in fitted.items()}
+    l2 = {f"r{repeat}-fold{fold}": texture.l2 for (repeat, fold), [(texture, _)] in fitted.items()}
     (out / "texture.json").write_text(json.dumps({"run": str(run_dir), "l2_per_fold": l2}, indent=2) + "\n")
     scores = table["p_covid"].to_numpy()
     threshold, rule = choose_oof_threshold(labels, scores, None)

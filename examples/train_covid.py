@@ -9,10 +9,10 @@ split for the recipe's epochs (val only reports), evaluates on the test split an
 the 2020 report's metric block, then predicts a few test images. Everything
 lands in the run directory (default runs/example-<data>).
 
-On real data it trains covidct train's default recipe: five CNNs, the `default` and the
-`deep-small` preset, each on the window-calibrated whole slice and on its lung crop, and
-`deep-small` on the equalised whole slice, and a logistic regression on the lungs' texture,
-joined as one checkpoint (ensemble.npz; about 5 min on 2 cores for COVID-CT). Without a test split (like
+On real data it trains covidct train's default recipe: three CNNs, the `default` preset on the
+window-calibrated whole slice and on its lung crop and `deep-small` on the equalised whole slice,
+and two logistic regressions on the lungs' texture (calibrated and equalised), joined as one
+checkpoint (ensemble.npz; about 6 min on 2 cores for COVID-CT). Without a test split (like
 ../shared/covid-ct) the evaluation is the validation split's, and it is labelled as such.
 """
 import argparse
@@ -28,9 +28,9 @@ from covidct.paths import image_cache_dir  # noqa: E402
 from covidct.train import TrainConfig, train  # noqa: E402
 
 # The phantom's recipe: one `default` model on the whole slice, with flips and rotations, and a higher
-# learning rate (the real-data default, five CNNs: two presets x whole slice and lung crop, and one on
-# the equalised whole slice, flips only, and the lung-texture model, was chosen by cross-validation on
-# real slices and takes about five times as long).
+# learning rate (the real-data default, three CNNs: `default` on the whole slice and on the lung crop,
+# `deep-small` on the equalised whole slice, flips only, and two lung-texture models, was chosen by
+# cross-validation on real slices and takes several times as long).
 SYNTHETIC_RECIPE = dict(epochs=40, lr=3e-3, lungs="none", model="default", augment="flip,rotate:10")
 
 

@@ -105,14 +105,18 @@ def test_cv_trains_every_preset_per_fold_and_combines_them(tmp_path):
 
 def test_a_preset_may_take_a_view_of_its_own(tmp_path):
     config = TrainConfig(data="x")                                                # the default recipe
-    assert (config.model, config.lungs) == ("default,deep-small,deep-small:none-equalize,texture", "none-window,crop")
+    assert (config.model, config.lungs) == ("default,deep-small:none-equalize,texture,texture:none-equalize",
+                                            "none-window,crop")
     config.validate()
     assert config.views == (("none", "window"), ("crop", "none"), ("none", "equalize"))
+    assert config.texture_intensities == ("window", "equalize")
     assert [(view, c.model, c.lungs, c.intensity, suffix) for view, c, suffix, _ in ensemble_members(config)] == [
-        (0, "default", "none", "window", "-none-window-default"),
-        (0, "deep-small", "none", "window", "-none-window-deep-small"),
-        (1, "default", "crop", "none", "-crop-default"), (1, "deep-small", "crop", "none", "-crop-deep-small"),
+        (0, "default", "none", "window", "-none-window-default"), (1, "default", "crop", "none", "-crop-default"),
         (2, "deep-small", "none", "equalize", "-none-equalize-deep-small")]
+    both = TrainConfig(data="x", model="default,deep-small,deep-small:none-equalize")    # the session-10 five
+    assert [suffix for _, _, suffix, _ in ensemble_members(both)] == [
+        "-none-window-default", "-none-window-deep-small", "-crop-default", "-crop-deep-small",
+        "-none-equalize-deep-small"]
     for bad, message in (("default,deep-small:lobes", "--model must be one of"),
                          ("default,default:crop", "already trained on every --lungs view"),
                          ("deep-small:crop", "for one preset among several")):

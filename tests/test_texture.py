@@ -74,13 +74,14 @@ def test_texture_member_example_writes_a_run_that_cv_join_takes(tmp_path, capsys
 # ------------------------------------------------------------------ the texture member in saved ensembles
 @pytest.fixture(scope="module")
 def texture_run(tmp_path_factory):
-    """A tiny ensemble with the texture member (--model tiny,texture) trained on a phantom -> (data, run)."""
+    """A tiny ensemble with two texture members (--model tiny,texture,texture:none-equalize: the
+    window-calibrated and the equalised gray scale) trained on a phantom -> (data, run)."""
     from covidct.train import train
 
     root = tmp_path_factory.mktemp("texture-run")
     data = write_dataset(root / "data", n=40, seed=5, size=64)
-    train(tiny_train_config(data, root / "run", epochs=1, lungs="none,crop", model="tiny,texture"),
-          log=lambda *_: None)
+    train(tiny_train_config(data, root / "run", epochs=1, lungs="none,crop",
+                            model="tiny,texture,texture:none-equalize"), log=lambda *_: None)
     return data, root / "run"
 
 
@@ -91,7 +92,9 @@ def test_saved_ensemble_predicts_with_its_texture_member_as_on_validation(textur
 
     data, run = texture_run
     model, meta = load_checkpoint(run / "ensemble.npz")
-    assert len(model.members) == 2 and len(model.textures) == 1 and meta["textures"][0]["features"] == N_FEATURES
+    assert len(model.members) == 2 and [t.intensity for t in model.textures] == ["window", "equalize"]
+    assert [t["view"]["intensity"] for t in meta["textures"]] == ["window", "equalize"]
+    assert meta["textures"][0]["features"] == N_FEATURES
     assert meta["textures"][0]["l2"] in L2_GRID
     saved = pd.read_csv(run / "predictions.csv")           # the validation scores train_members combined
     rows, failures, _ = predict_files(run / "ensemble.npz", list(saved["file"]))
@@ -113,15 +116,19 @@ def test_texture_member_changes_the_prediction_and_is_required(texture_run):
     images, labels, paths = load_images(read_dataset(data, split="val"), Preprocess.from_dict(meta["preprocess"]))
     with pytest.raises(CovidCTError, match="lung-texture member"):
         predict_proba(model, images, 0.0, 1.0)
-    features = texture_features(paths)
+    with pytest.raises(CovidCTError, match=r"shape \(\d+, 188\)"):              # one gray scale is not enough
+        predict_proba(model, images, 0.0, 1.0, features=texture_features(paths))
+    features = texture_features(paths, ["window", "equalize"])
     with_texture = predict_proba(model, images, 0.0, 1.0, features=features)
     cnns = Ensemble(model.members, model.normalizations, model.tta, model.views, model.combine, model.frame_views)
     assert reads_texture(model) and not reads_texture(cnns)
     without = predict_proba(cnns, images, 0.0, 1.0)
-    texture = model.textures[0].p_covid(features)
+    window, equalized = (model.textures[i].p_covid(features[:, i * N_FEATURES:(i + 1) * N_FEATURES]) for i in (0, 1))
     log_odds = lambda p: np.log(p) - np.log1p(-p)             # noqa: E731
-    # three members alike: the mean log-odds of the two CNNs (each with its mirror image) and the texture model
-    np.testing.assert_allclose(log_odds(with_texture), (2 * log_odds(without) + log_odds(texture)) / 3, atol=1e-4)
+    # four members alike: the mean log-odds of the two CNNs (each with its mirror image) and the texture models
+    np.testing.assert_allclose(log_odds(with_texture),
+                               (2 * log_odds(without) + log_odds(window) + log_odds(equalized)) / 4, atol=1e-4)
+    assert not np.allclose(window, equalized)
 
 
 def test_texture_ensemble_export_and_cli(texture_run, tmp_path):
@@ -144,7 +151,10 @@ def test_texture_ensemble_export_and_cli(texture_run, tmp_path):
 
 @pytest.mark.parametrize("model, message", [("texture", "name a CNN preset too"),
                                             ("tiny,texture:crop", "optionally 'texture'"),
-                                            ("tiny,texture,texture", "optionally 'texture'")])
+                                            ("tiny,texture:none-window,crop", "optionally 'texture'"),
+                                            ("tiny,texture:none-bright", "optionally 'texture'"),
+                                            ("tiny,texture,texture", "optionally 'texture'"),
+                                            ("tiny,texture,texture:none-window", "two texture models on the same")])
 def test_texture_entry_of_model_is_checked(model, message):
     from covidct.errors import CovidCTError
     from covidct.train import TrainConfig
@@ -152,8 +162,24 @@ def test_texture_entry_of_model_is_checked(model, message):
     with pytest.raises(CovidCTError, match=message):
         TrainConfig(model=model).validate()
     default = TrainConfig()
-    assert default.texture and default.is_ensemble and len(default.model_views) == 3
+    assert default.texture and default.is_ensemble and len(default.model_views) == 2
     assert TrainConfig(model="tiny,texture", lungs="none").is_ensemble
+    both = TrainConfig(model="tiny,texture:none-equalize,texture:none", lungs="none")
+    both.validate()
+    assert both.texture_intensities == ("equalize", "none") and both.model_views == (("tiny", None),)
+
+
+def test_texture_features_on_several_gray_scales():
+    from covidct.texture import gray_texture_features, texture_name
+
+    gray = make_slice(1, np.random.default_rng(4), 160)
+    window = gray_texture_features(gray)
+    three = gray_texture_features(gray, ("window", "equalize", "none"))
+    assert three.shape == (3 * N_FEATURES,)
+    np.testing.assert_array_equal(three[:N_FEATURES], window)                  # the same mask, read three ways
+    assert not np.allclose(three[N_FEATURES:2 * N_FEATURES], window)
+    assert [texture_name(i) for i in ("window", "equalize", "none")] == ["texture", "texture-none-equalize",
+                                                                         "texture-none"]
 
 
 def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
@@ -161,13 +187,33 @@ def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
     from covidct.cv import model_names
 
     data = write_dataset(tmp_path / "data", n=40, seed=8, size=64)
-    config = tiny_train_config(data, tmp_path / "cv", epochs=1, lungs="none", model="tiny,texture", tta=False)
+    config = tiny_train_config(data, tmp_path / "cv", epochs=1, lungs="none",
+                               model="tiny,texture,texture:none-equalize", tta=False)
     result = cross_validate(config, folds=2, log=lambda *_: None)
-    assert model_names(tmp_path / "cv") == ["texture"]                       # r<R>-fold<F>-texture/heldout.csv
+    assert model_names(tmp_path / "cv") == ["texture", "texture-none-equalize"]   # r<R>-fold<F>-<name>/heldout.csv
     cnn = cross_validate(tiny_train_config(data, tmp_path / "cnn", epochs=1, lungs="none", tta=False), folds=2,
                          log=lambda *_: None)
-    joined = join_runs([tmp_path / "cnn", f"{tmp_path / 'cv'}:texture"])   # the same CNN folds + the texture model
+    joined = join_runs([tmp_path / "cnn", f"{tmp_path / 'cv'}:texture",      # the same CNN folds + the texture models
+                        f"{tmp_path / 'cv'}:texture-none-equalize"])
     assert result["pooled"]["auc"] == pytest.approx(joined["pooled"]["auc"])
     assert cnn["pooled"]["auc"] != result["pooled"]["auc"] or cnn["threshold"] != result["threshold"]
     model, meta = load_checkpoint(tmp_path / "cv" / "ensemble.npz")
-    assert len(model.members) == 2 and len(model.textures) == 2               # one CNN and one texture model a fold
+    assert len(model.members) == 2 and len(model.textures) == 4               # one CNN and two texture models a fold
+    assert [t.intensity for t in model.textures] == ["window", "equalize"] * 2
+
+
+def test_hand_edited_texture_gray_scale_is_one_line(texture_run, tmp_path):
+    import subprocess
+    import sys
+
+    import minicnn as mc
+
+    data, run = texture_run
+    stored, meta = mc.serialization.load(run / "ensemble.npz")
+    meta["textures"][1]["view"]["intensity"] = "sepia"
+    edited = mc.serialization.save(tmp_path / "edited.npz", stored, meta)
+    image = next(data.rglob("*.png"))
+    done = subprocess.run([sys.executable, "-m", "covidct", "predict", "--checkpoint", str(edited), str(image)],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "gray scale of window, equalize, none" in done.stderr
