@@ -124,7 +124,7 @@ class Ensemble(mc.Module):
         """x: (N, C, H, W) in [0, 1] (identity-normalised), features: (N, 94 x T) lung-texture features of
         the same slices, 94 per texture member (covidct.texture.texture_inputs; only for an ensemble with
         T texture members) -> log of the combined probability (N, classes)."""
-        from .texture import N_FEATURES
+        from .texture import N_FEATURES, gray_scale_features
 
         xp = mc.get_array_module(x)
         width = N_FEATURES * len(self.textures)
@@ -142,7 +142,7 @@ class Ensemble(mc.Module):
                 total = total + (log_probs if self.combine == "geometric" else xp.exp(log_probs))
         features = mc.as_numpy(features) if self.textures else None       # texture members run on the host
         for index, texture in enumerate(self.textures):  # each weighs as one CNN member with its flips
-            own = features[:, index * N_FEATURES:(index + 1) * N_FEATURES]  # (N, 94): its gray scale
+            own = gray_scale_features(features, index)                      # (N, 94): its gray scale
             log_odds = np.asarray(texture(own), np.float64)[:, None]       # (N, 1)
             log_probs = -np.logaddexp(0.0, np.concatenate([log_odds, -log_odds], axis=1))  # log [1-p, p]
             log_probs = xp.asarray(log_probs.astype(np.float32))

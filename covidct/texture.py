@@ -4,6 +4,7 @@
     gray_texture_features(gray, intensities)     -> the same of a whole slice (h, w), read as TEXTURE_VIEW,
                                                     for each gray scale in intensities: (94 x T,)
     texture_features(paths, intensities)         -> (N, 94 x T) of image files
+    gray_scale_features(features, index)         -> (N, 94): the index-th gray scale's columns of those
     texture_inputs(model, paths | grays)         -> those features when the model takes them, else None
     fit_logistic(features, labels, l2)           -> LogisticModel: standardisation + weights; .log_odds(features)
     choose_l2(features, labels, groups, seed)    -> the L2 strength with the best inner grouped-CV AUC
@@ -50,7 +51,8 @@ from .errors import CovidCTError
 
 __all__ = ["TEXTURE_VIEW", "TEXTURE_INTENSITIES", "TEXTURE_VERSION", "N_FEATURES", "L2_GRID", "texture_name",
            "lung_texture_features", "gray_texture_features", "slice_texture_features", "texture_features",
-           "texture_inputs", "LogisticModel", "fit_logistic", "choose_l2", "fit_texture", "TextureMember"]
+           "gray_scale_features", "texture_inputs", "LogisticModel", "fit_logistic", "choose_l2", "fit_texture",
+           "TextureMember"]
 
 TEXTURE_VIEW = dict(size=224, resize="stretch", lungs="none", intensity="window")   # covidct.preprocess.Preprocess
 TEXTURE_INTENSITIES = ("window", "equalize", "none")   # gray scales a texture member may read
@@ -146,6 +148,12 @@ def texture_features(paths, intensities=("window",)) -> np.ndarray:
     if not len(paths):
         return np.zeros((0, N_FEATURES * len(intensities)))
     return np.stack([slice_texture_features(path, intensities) for path in paths])
+
+
+def gray_scale_features(features, index: int) -> np.ndarray:
+    """The (N, N_FEATURES) columns of gray scale number ``index`` in features (N, N_FEATURES x T)
+    of several gray scales (texture_features(paths, intensities))."""
+    return features[:, index * N_FEATURES:(index + 1) * N_FEATURES]
 
 
 @dataclass

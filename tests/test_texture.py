@@ -109,7 +109,7 @@ def test_texture_member_changes_the_prediction_and_is_required(texture_run):
     from covidct.evaluate import predict_proba
     from covidct.preprocess import Preprocess, load_images
     from covidct.data import read_dataset
-    from covidct.texture import texture_features
+    from covidct.texture import gray_scale_features, texture_features
 
     data, run = texture_run
     model, meta = load_checkpoint(run / "ensemble.npz")
@@ -123,7 +123,7 @@ def test_texture_member_changes_the_prediction_and_is_required(texture_run):
     cnns = Ensemble(model.members, model.normalizations, model.tta, model.views, model.combine, model.frame_views)
     assert reads_texture(model) and not reads_texture(cnns)
     without = predict_proba(cnns, images, 0.0, 1.0)
-    window, equalized = (model.textures[i].p_covid(features[:, i * N_FEATURES:(i + 1) * N_FEATURES]) for i in (0, 1))
+    window, equalized = (model.textures[i].p_covid(gray_scale_features(features, i)) for i in (0, 1))
     log_odds = lambda p: np.log(p) - np.log1p(-p)             # noqa: E731
     # four members alike: the mean log-odds of the two CNNs (each with its mirror image) and the texture models
     np.testing.assert_allclose(log_odds(with_texture),
