@@ -309,7 +309,7 @@ def fit_fold_textures(out: Path, paths, labels, groups, fold_table, extra=None, 
     also go to r<R>-fold<F>-<texture_name>/heldout.csv (``texture``, ``texture-none-equalize``), so
     that cv-join takes RUN:texture like any other model. Fast (seconds a fold) and deterministic, so a
     resumed run fits them again."""
-    from .texture import fit_texture, gray_scale_features, texture_features, texture_name
+    from .texture import fit_textures, gray_scale_features, texture_features, texture_name
 
     log(f"texture models ({', '.join(intensities)}): lung-texture features of "
         f"{len(paths) + (len(extra[2]) if extra else 0)} slices ...")
@@ -326,10 +326,9 @@ def fit_fold_textures(out: Path, paths, labels, groups, fold_table, extra=None, 
                 x, y = np.concatenate([x, extra_features]), np.concatenate([y, extra[1]])
                 g = np.concatenate([g, extra_groups])
             fitted[repeat, int(fold)] = []
-            for index, intensity in enumerate(intensities):
-                texture = fit_texture(gray_scale_features(x, index), y, g, seed=int(fold), intensity=intensity)
+            for index, texture in enumerate(fit_textures(x, y, g, intensities, seed=int(fold))):
                 scores = texture.p_covid(gray_scale_features(features[test], index))
-                fold_dir = out / f"r{repeat}-fold{fold}-{texture_name(intensity)}"
+                fold_dir = out / f"r{repeat}-fold{fold}-{texture_name(texture.intensity)}"
                 fold_dir.mkdir(parents=True, exist_ok=True)
                 write_heldout(fold_dir, [p for p, keep in zip(paths, test) if keep], scores)
                 fitted[repeat, int(fold)].append((texture, scores))

@@ -9,6 +9,7 @@
     fit_logistic(features, labels, l2)           -> LogisticModel: standardisation + weights; .log_odds(features)
     choose_l2(features, labels, groups, seed)    -> the L2 strength with the best inner grouped-CV AUC
     fit_texture(features, labels, groups, seed)  -> TextureMember: choose_l2, then fit_logistic on them all
+    fit_textures(features, ..., intensities)     -> [TextureMember] of several gray scales' columns
     TextureMember(model, l2, intensity)          -> the fitted regression as an ensemble member (covidct.ensemble)
 
 Why: the CNNs of the default recipe read each slice at 128 px, where the fine texture of
@@ -52,7 +53,7 @@ from .errors import CovidCTError
 __all__ = ["TEXTURE_VIEW", "TEXTURE_INTENSITIES", "TEXTURE_VERSION", "N_FEATURES", "L2_GRID", "texture_name",
            "lung_texture_features", "gray_texture_features", "slice_texture_features", "texture_features",
            "gray_scale_features", "texture_inputs", "LogisticModel", "fit_logistic", "choose_l2", "fit_texture",
-           "TextureMember"]
+           "fit_textures", "TextureMember"]
 
 TEXTURE_VIEW = dict(size=224, resize="stretch", lungs="none", intensity="window")   # covidct.preprocess.Preprocess
 TEXTURE_INTENSITIES = ("window", "equalize", "none")   # gray scales a texture member may read
@@ -67,7 +68,9 @@ L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 def texture_name(intensity: str) -> str:
     """A texture model's name in run folders and cv-join: "texture" (window-calibrated, the first),
     "texture-none-equalize", "texture-none" (as decoded)."""
-    return "texture" if intensity == "window" else "texture-none" + ("" if intensity == "none" else f"-{intensity}")
+    from .preprocess import view_name
+
+    return "texture" if intensity == "window" else f"texture-{view_name('none', intensity)}"
 
 
 def _histogram(values, bins: int, value_range=(0.0, 1.0)) -> np.ndarray:
@@ -227,6 +230,13 @@ def fit_texture(features, labels, groups, seed: int = 0, intensity: str = "windo
     logistic regression on all of them."""
     l2 = choose_l2(features, labels, groups, seed=seed)
     return TextureMember(fit_logistic(features, labels, l2), l2, intensity)
+
+
+def fit_textures(features, labels, groups, intensities=("window",), seed: int = 0) -> list["TextureMember"]:
+    """fit_texture on each gray scale's columns of features (N, N_FEATURES x T) -> one TextureMember per
+    gray scale of ``intensities``, in order."""
+    return [fit_texture(gray_scale_features(features, index), labels, groups, seed=seed, intensity=intensity)
+            for index, intensity in enumerate(intensities)]
 
 
 class TextureMember(mc.Module):

@@ -730,7 +730,7 @@ def fit_texture_members(train_paths, train_labels, test_paths, intensities=("win
     ([TextureMember], [its P(COVID) on test_paths]). Deterministic; about 0.07 s a slice for the features
     of one gray scale."""
     from .sources import slice_groups
-    from .texture import fit_texture, gray_scale_features, texture_features
+    from .texture import fit_textures, gray_scale_features, texture_features
 
     missing = [path for path in list(train_paths) + list(test_paths) if not Path(path).is_file()]
     if missing:
@@ -739,13 +739,8 @@ def fit_texture_members(train_paths, train_labels, test_paths, intensities=("win
     log(f"texture models ({', '.join(intensities)}): lung-texture features of {len(train_paths)} + "
         f"{len(test_paths)} slices ...")
     train, test = texture_features(train_paths, intensities), texture_features(test_paths, intensities)
-    groups = slice_groups(train_paths, train_labels)
-    textures, scores = [], []
-    for index, intensity in enumerate(intensities):
-        texture = fit_texture(gray_scale_features(train, index), train_labels, groups, seed=seed, intensity=intensity)
-        textures.append(texture)
-        scores.append(texture.p_covid(gray_scale_features(test, index)))
-    return textures, scores
+    textures = fit_textures(train, train_labels, slice_groups(train_paths, train_labels), intensities, seed=seed)
+    return textures, [texture.p_covid(gray_scale_features(test, index)) for index, texture in enumerate(textures)]
 
 
 def finished(trainer: Trainer) -> bool:
