@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -58,6 +58,7 @@ import numpy as np
 from .errors import CovidCTError
 from .metrics import bootstrap_ci, classification_metrics, roc_auc, roc_curve, threshold_for_sensitivity
 from .sources import slice_groups, source_group  # noqa: F401  (source_group: public here too)
+from .texture import texture_features
 
 __all__ = ["source_group", "grouped_folds", "youden_threshold", "cross_validate", "format_cv_table"]
 
@@ -133,6 +134,17 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
     with open(run_dir / "log.txt", mode) as log_file:
         log_file.write("".join(f"{line}\n" for line in lines))
     return scores, str(run_dir / "best.npz")
+
+
+def training_cost(task) -> int:
+    """Multiply-adds to train one fold model: (forward + backward ~ 3 forwards) x images x epochs."""
+    from .model import build_model, count_multiply_adds
+    from .train import model_config_for
+
+    config, data = task[3], task[4]
+    model_config = model_config_for(config)
+    one_image = (model_config.in_channels, model_config.input_size, model_config.input_size)
+    return 3 * count_multiply_adds(build_model(model_config), one_image) * len(data.train_images) * config.epochs
 
 
 def completed_epochs(run_dir: Path) -> int:
@@ -261,13 +273,23 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
                 done[repeat, fold, number] = scores
         log(f"resuming {out}: {len(done)} of {len(tasks)} {'folds' if len(plan) == 1 else 'fold models'} done")
     todo = [task for task in tasks if task[:3] not in done]
-    blas_threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    texture_futures = []
     if jobs == 1 or not todo:
-        results = (_train_fold(c, d, t, None, tta, resume) for *_, c, d, t in todo)
+        results = ((task, _train_fold(*task[3:], None, tta, resume)) for task in todo)
     else:
+        # J workers; the texture features (a minute of one core) and then the slowest fold models
+        # start first, so that no worker sits idle while the last big model trains alone
+        blas_threads = max(1, (os.cpu_count() or 1) // jobs)
         pool = ProcessPoolExecutor(max_workers=jobs)
-        results = pool.map(_train_fold, *zip(*[(c, d, t, blas_threads, tta, resume) for *_, c, d, t in todo]))
-    for (repeat, fold, number, fold_config, data, _), (scores, _) in zip(todo, results):
+        if config.texture:
+            log(f"lung-texture features of {len(paths) + (len(extra[2]) if extra else 0)} slices "
+                f"({', '.join(config.texture_intensities)}), beside the fold models")
+            texture_futures = [pool.submit(texture_features, list(p), config.texture_intensities)
+                               for p in (paths, extra[2] if extra is not None else [])]
+        futures = {pool.submit(_train_fold, *task[3:], blas_threads, tta, resume): task
+                   for task in sorted(todo, key=training_cost, reverse=True)}
+        results = ((futures[future], future.result()) for future in as_completed(futures))
+    for (repeat, fold, number, fold_config, data, _), (scores, _) in results:
         write_heldout(fold_config.out, data.val_paths, scores)
         done[repeat, fold, number] = scores
         fold_auc = roc_auc(labels[fold_table[repeat] == fold], scores)
@@ -276,10 +298,11 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
                       + (f" model {suffix[1:]}" if suffix else ""))
         log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}{model_note}: held-out AUC {fold_auc:.3f} "
             f"({time.perf_counter() - started:.0f}s so far)")
+    features = tuple(future.result() for future in texture_futures) or None     # None: computed below
     if jobs > 1 and todo:
         pool.shutdown()
-    textures = (fit_fold_textures(out, paths, labels, groups, fold_table, extra, log, config.texture_intensities)
-                if config.texture else {})
+    textures = (fit_fold_textures(out, paths, labels, groups, fold_table, extra, log, config.texture_intensities,
+                                  features) if config.texture else {})
     for repeat in range(repeats):
         for fold in range(folds):
             held_out = [done[repeat, fold, number] for number in range(len(plan))]
@@ -302,20 +325,22 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
 
 
 def fit_fold_textures(out: Path, paths, labels, groups, fold_table, extra=None, log=print,
-                      intensities=("window",)) -> dict:
+                      intensities=("window",), features=None) -> dict:
     """The texture models (covidct.texture), one per gray scale of ``intensities``, of every repeat and
     fold, fitted on the fold's training slices (+ any extra training data) -> {(repeat, fold):
     [(TextureMember, P(COVID) on the held-out slices) per gray scale]}; each one's held-out predictions
     also go to r<R>-fold<F>-<texture_name>/heldout.csv (``texture``, ``texture-none-equalize``), so
     that cv-join takes RUN:texture like any other model. Fast (seconds a fold) and deterministic, so a
-    resumed run fits them again."""
-    from .texture import fit_textures, gray_scale_features, texture_features, texture_name
+    resumed run fits them again. features: (texture_features of paths, of the extra slices) when they
+    were computed already (cross_validate computes them beside the fold models), else None."""
+    from .texture import fit_textures, gray_scale_features, texture_name
 
-    log(f"texture models ({', '.join(intensities)}): lung-texture features of "
-        f"{len(paths) + (len(extra[2]) if extra else 0)} slices ...")
-    features, groups = texture_features(paths, intensities), np.asarray(groups)
+    if features is None:
+        log(f"texture models ({', '.join(intensities)}): lung-texture features of "
+            f"{len(paths) + (len(extra[2]) if extra else 0)} slices ...")
+        features = [texture_features(list(p), intensities) for p in (paths, extra[2] if extra is not None else [])]
+    (features, extra_features), groups = features, np.asarray(groups)
     if extra is not None:
-        extra_features = texture_features(extra[2], intensities)
         extra_groups = np.asarray(slice_groups(extra[2], extra[1]))
     fitted = {}
     for repeat, folds in enumerate(fold_table):

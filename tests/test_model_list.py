@@ -33,6 +33,18 @@ def test_deep_small_is_the_deep_family_with_half_the_filters():
     assert small.input_size == preset("default").input_size      # so default,deep-small share one input
 
 
+def test_multiply_adds_are_counted_layer_by_layer():
+    from covidct.model import build_model, count_multiply_adds
+
+    tiny = build_model(preset("tiny"))                 # 1x32x32 -> conv 4 3x3 -> pool 2 -> conv 8 3x3 -> pool 2
+    by_hand = (32 * 32 * 4 * 9) + (16 * 16 * 8 * 4 * 9) + (16 * 8 * 8 * 8) + (8 * 16) + (2 * 8)  # convs, FC block
+    assert count_multiply_adds(tiny, (1, 32, 32)) == by_hand
+    assert tiny.training                                     # left as it was, and its forward is the class's again
+    assert "forward" not in vars(tiny[0])
+    default, deep_small = (build_model(preset(name)) for name in ("default", "deep-small"))
+    assert 2 < count_multiply_adds(deep_small, (1, 128, 128)) / count_multiply_adds(default, (1, 128, 128)) < 2.5
+
+
 def test_a_model_list_is_checked_before_any_work():
     for bad, message in (("default,resnet50", "--model must be one of"), ("tiny,tiny", "several different"),
                          ("default,", "--model must be one of")):

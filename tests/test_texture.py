@@ -1,5 +1,8 @@
 """covidct.texture (lung-texture features, logistic regression) and examples/texture_member.py."""
+from types import SimpleNamespace
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from covidct.cv import cross_validate, join_runs
@@ -200,6 +203,31 @@ def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
     model, meta = load_checkpoint(tmp_path / "cv" / "ensemble.npz")
     assert len(model.members) == 2 and len(model.textures) == 4               # one CNN and two texture models a fold
     assert [t.intensity for t in model.textures] == ["window", "equalize"] * 2
+
+
+def test_cv_workers_compute_the_texture_features_beside_the_slowest_models_first(tmp_path):
+    from dataclasses import replace
+
+    from covidct.cv import model_names, training_cost
+
+    data = write_dataset(tmp_path / "data", n=32, seed=9, size=48)
+    extra = write_dataset(tmp_path / "extra", n=12, seed=10, size=48)
+    config = tiny_train_config(data, tmp_path / "one", epochs=1, lungs="none", tta=False, image_size=32,
+                               model="tiny,deep-small,texture", extra_data=(str(extra / "Images-processed"),))
+    one = cross_validate(config, folds=2, log=lambda *_: None)
+    logs = []
+    two = cross_validate(replace(config, out=str(tmp_path / "two")), folds=2, jobs=2, log=logs.append)
+    assert any("beside the fold models" in line for line in logs)
+    assert two["pooled"] == one["pooled"] and two["per_fold"] == one["per_fold"]
+    for name in model_names(tmp_path / "one"):                          # tiny, deep-small and texture alike
+        for fold in range(2):
+            held_out = [pd.read_csv(tmp_path / run / f"r0-fold{fold}-{name}" / "heldout.csv") for run in ("one", "two")]
+            pd.testing.assert_frame_equal(*held_out)
+
+    def task(model):                                            # (repeat, fold, number, config, data, test images)
+        return 0, 0, 0, replace(config, model=model), SimpleNamespace(train_images=range(10)), None
+
+    assert training_cost(task("deep-small")) > 2 * training_cost(task("tiny"))
 
 
 def test_hand_edited_texture_gray_scale_is_one_line(texture_run, tmp_path):
