@@ -1,6 +1,7 @@
 """Grad-CAM, feature maps and a rough lung-field mask, all with minicnn's own passes.
 
     gradcam(model, x, target_class=1, layer_index=None) -> heatmaps (N, H, W) in [0, 1]
+    frame_boxes_of(model, preprocess, grays)             -> where an ensemble's lung crops lie (boxes=)
     default_layer_index(model)                           -> index of the Grad-CAM layer
     feature_maps(model, x)                               -> [(name, activation), ...]
     lung_mask(image)                                     -> bool (H, W)
@@ -25,9 +26,11 @@ call (None for a model that is not in the middle of a training step).
 For an ensemble (covidct.ensemble) the heatmap is the mean of its members' heatmaps,
 each member on its own normalisation of the input (and, with flip TTA, also on the
 mirror image, its heatmap mirrored back), rescaled to a maximum of 1. A multi-view
-ensemble's heatmap is that of its members reading the whole slice that the pictures
-show (channel 0, and any other gray scale of it); the lung-crop members' heatmaps lie in
-another frame.
+ensemble's pictures show channel 0, the whole slice: the members reading it (in any gray
+scale) give their heatmaps as they are, and a lung-crop member's heatmap lies in another
+frame, so it is resized into the crop's box in the slice (``boxes``: covidct.preprocess.
+frame_boxes, ``frame_boxes_of``) and is zero outside it; without boxes the crop members are
+left out. Texture members (covidct.texture) have no heatmap.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from .lungs import lung_mask, otsu_threshold  # noqa: F401  (re-exported)
 RESNET_STAGES = list(BACKBONE) + list(HEAD)
 
 __all__ = ["gradcam", "default_layer_index", "feature_maps", "lung_mask", "otsu_threshold", "mass_inside",
-           "mass_by_distance", "resize_map"]
+           "mass_by_distance", "resize_map", "paste_map", "frame_boxes_of"]
 
 # Layers after which the spatial layout is gone (a vector per image).
 _TO_VECTOR = (mc.Flatten, mc.AdaptiveAvgPool2d)
@@ -114,7 +117,7 @@ class _Quiet:
 
 
 def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size: int = 32,
-            return_logits: bool = False, features=None):
+            return_logits: bool = False, features=None, boxes=None):
     """Grad-CAM heatmaps for normalized images x (N, C, H, W) -> float32 (N, H, W) in [0, 1].
 
     target_class: the class whose logit is explained, an int (default 1 = COVID) or one
@@ -124,10 +127,12 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
     return_logits: also return the logits (N, num_classes) of the same forward pass.
     features:     an ensemble with texture members (covidct.ensemble): the slices' texture features,
                   for its logits (the heatmaps are its CNN members').
+    boxes:        an ensemble with lung-crop members: where each channel lies in channel 0's frame,
+                  (N, views, 4) from frame_boxes_of; its crop members' heatmaps are pasted there.
     """
     x = _check_input(x)
     if isinstance(model, Ensemble):
-        return _ensemble_gradcam(model, x, target_class, layer_index, batch_size, return_logits, features)
+        return _ensemble_gradcam(model, x, target_class, layer_index, batch_size, return_logits, features, boxes)
     layers = _layers(model)
     index = default_layer_index(model) if layer_index is None else int(layer_index)
     if not 0 <= index < len(layers) - 1:
@@ -174,20 +179,26 @@ def gradcam(model, x, target_class=1, layer_index: int | None = None, batch_size
     return heatmaps
 
 
-def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return_logits, features=None):
-    """The mean of the heatmaps of the members that read a channel in channel 0's frame (x
-    identity-normalised, as the ensemble takes it; ``Ensemble.frame_views``: the whole slice, however
-    its gray scale is shown): the picture shown is channel 0, and a lung crop's heatmap lies in
-    another frame."""
+def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return_logits, features=None,
+                      boxes=None):
+    """The mean of the members' heatmaps in channel 0's frame (x identity-normalised, as the ensemble
+    takes it): the members reading a channel in that frame (``Ensemble.frame_views``: the whole slice,
+    however its gray scale is shown) as they are, the lung-crop members' pasted into their boxes
+    when boxes (N, views, 4) are given, else left out."""
     xp = mc.get_array_module(x)
     total = np.zeros((x.shape[0],) + tuple(x.shape[2:]), np.float64)
     for index, member in enumerate(ensemble.members):
-        if ensemble.views is not None and ensemble.views[index] not in ensemble.frame_views:
+        in_frame = ensemble.views is None or ensemble.views[index] in ensemble.frame_views
+        if not in_frame and (boxes is None or np.isnan(boxes[:, ensemble.views[index]]).any()):
             continue
         for mirrored in ((False, True) if ensemble.tta else (False,)):
             view = xp.ascontiguousarray(x[..., ::-1]) if mirrored else x
             heatmaps = gradcam(member, ensemble.member_input(view, index), target_class, layer_index, batch_size)
-            total += heatmaps[..., ::-1] if mirrored else heatmaps
+            heatmaps = heatmaps[..., ::-1] if mirrored else heatmaps
+            if not in_frame:
+                heatmaps = [paste_map(heatmap, box, total.shape[1:])
+                            for heatmap, box in zip(heatmaps, boxes[:, ensemble.views[index]])]
+            total += heatmaps
     top = total.max(axis=(1, 2), keepdims=True)
     heatmaps = (total / np.where(top > 0, top, 1.0)).astype(np.float32)
     if not return_logits:
@@ -197,6 +208,28 @@ def _ensemble_gradcam(ensemble, x, target_class, layer_index, batch_size, return
                                                       None if features is None else features[start:start + batch_size]))
                                  for start in range(0, len(x), batch_size)])
     return heatmaps, logits
+
+
+def paste_map(heatmap, box, size) -> np.ndarray:
+    """A heatmap (h, w) of a crop, resized (bilinear) into its box (top, bottom, left, right) on a zero
+    (H, W) canvas: the crop's heat where the crop lies in the whole slice."""
+    top, bottom, left, right = np.rint(box).astype(int)
+    top, left = max(0, top), max(0, left)
+    bottom, right = min(size[0], max(bottom, top + 1)), min(size[1], max(right, left + 1))
+    canvas = np.zeros(size, np.float32)
+    canvas[top:bottom, left:right] = resize_map(heatmap, (bottom - top, right - left))
+    return canvas
+
+
+def frame_boxes_of(model, preprocess, grays):
+    """(N, views, 4): covidct.preprocess.frame_boxes of each whole gray slice of ``grays`` (an iterable),
+    for gradcam's ``boxes``, when model is an ensemble with a member outside channel 0's frame (a lung
+    crop), else None (no time spent)."""
+    from .preprocess import frame_boxes
+
+    if not isinstance(model, Ensemble) or model.views is None or set(model.views) <= set(model.frame_views):
+        return None
+    return np.stack([frame_boxes(gray, preprocess) for gray in grays])
 
 
 def feature_maps(model, x) -> list[tuple[str, np.ndarray]]:

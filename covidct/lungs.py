@@ -2,7 +2,8 @@
 
     lung_mask(gray)                  -> bool (H, W): dark regions enclosed by the body
     find_lungs(gray)                 -> LungFields(mask, box, found)
-    crop_to_lungs(gray, lungs, ...)  -> the slice cut to the lungs' box (+ margin), optionally masked
+    crop_box(lungs, shape, margin)   -> (top, bottom, left, right) of the lungs' box (+ margin)
+    crop_to_lungs(gray, lungs, ...)  -> the slice cut to that box, optionally masked
 
 Why: a classifier trained on whole COVID-CT slices reads the body outline, the
 scanner table, text from paper figures and the black bands that aspect-keeping
@@ -32,7 +33,8 @@ from scipy import ndimage
 
 from .errors import CovidCTError
 
-__all__ = ["MIN_AREA", "MAX_AREA", "LungFields", "otsu_threshold", "lung_mask", "find_lungs", "crop_to_lungs"]
+__all__ = ["MIN_AREA", "MAX_AREA", "LungFields", "otsu_threshold", "lung_mask", "find_lungs", "crop_box",
+           "crop_to_lungs"]
 
 LUNGS_VERSION = 1                        # bump when the mask changes (invalidates cached crops)
 MIN_AREA, MAX_AREA = 0.04, 0.75          # plausible share of the slice covered by the lung mask
@@ -162,6 +164,18 @@ def find_lungs(gray) -> LungFields:
     return LungFields(mask, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1), True)
 
 
+def crop_box(lungs: LungFields, shape, margin: float = 0.08) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of what crop_to_lungs keeps of a slice of this (H, W) shape: the lungs'
+    box widened by ``margin`` x its size on each side, clipped to the slice (the whole slice for a
+    fallback)."""
+    h, w = shape
+    if not lungs.found:
+        return 0, h, 0, w
+    top, bottom, left, right = lungs.box
+    pad_y, pad_x = round(margin * (bottom - top)), round(margin * (right - left))
+    return max(0, top - pad_y), min(h, bottom + pad_y), max(0, left - pad_x), min(w, right + pad_x)
+
+
 def crop_to_lungs(gray, lungs: LungFields, margin: float = 0.08, blank_outside: bool = False) -> np.ndarray:
     """Cut a (H, W) slice to the lungs' box, widened by ``margin`` x the box's size on each side
     (clipped to the slice). blank_outside: also set everything outside the (margin-dilated)
@@ -169,11 +183,7 @@ def crop_to_lungs(gray, lungs: LungFields, margin: float = 0.08, blank_outside: 
     gray = np.asarray(gray, dtype=np.float32)
     if not lungs.found:
         return gray
-    h, w = gray.shape
-    top, bottom, left, right = lungs.box
-    pad_y, pad_x = round(margin * (bottom - top)), round(margin * (right - left))
-    top, bottom = max(0, top - pad_y), min(h, bottom + pad_y)
-    left, right = max(0, left - pad_x), min(w, right + pad_x)
+    top, bottom, left, right = crop_box(lungs, gray.shape, margin)
     crop = gray[top:bottom, left:right]
     if blank_outside:
         mask = lungs.mask[top:bottom, left:right]

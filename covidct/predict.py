@@ -79,8 +79,8 @@ def write_rows(rows, path) -> None:
 def write_gradcam_overlays(checkpoint, paths, out_dir, device: str = "cpu", target_class: int = 1) -> list[Path]:
     """One PNG per image in out_dir: the slice and its Grad-CAM overlay for the COVID logit
     (``covidct.gradcam``), titled with P(COVID) and the predicted label. -> the written paths."""
-    from .gradcam import gradcam
-    from .preprocess import normalize
+    from .gradcam import frame_boxes_of, gradcam
+    from .preprocess import normalize, read_gray
     from .viz import plot_gradcam_overlay
 
     import minicnn as mc
@@ -96,7 +96,8 @@ def write_gradcam_overlays(checkpoint, paths, out_dir, device: str = "cpu", targ
         image = load_image(path, preprocess)
         x = mc.to_device(normalize(image[None], mean, std), device)
         heatmap, logits = gradcam(model, x, target_class=target_class, return_logits=True,
-                                  features=texture_inputs(model, [path]))
+                                  features=texture_inputs(model, [path]),
+                                  boxes=frame_boxes_of(model, preprocess, [read_gray(path)]))
         shifted = np.exp(logits[0] - logits[0].max())
         p_covid = float(shifted[1] / shifted.sum())
         name, k = f"{path.stem}_gradcam.png", 1

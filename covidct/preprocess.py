@@ -256,15 +256,21 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return np.clip(gray, 0.0, 1.0).astype(np.float32)
 
 
-def _resize(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int]]:
-    """(h, w) -> (size, size) float32; also returns the (h, w) the content got."""
-    h, w = gray.shape
+def _content_place(shape, pre: Preprocess) -> tuple[int, int, int, int]:
+    """Where _resize puts a (h, w) slice on its (size, size) output: (new_h, new_w, top, left)."""
+    h, w = shape
     s = pre.size
     if pre.resize == "stretch":
-        new_h, new_w = s, s
-    else:
-        scale = s / max(h, w)
-        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        return s, s, 0, 0
+    scale = s / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    return new_h, new_w, (s - new_h) // 2, (s - new_w) // 2
+
+
+def _resize(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, int]]:
+    """(h, w) -> (size, size) float32; also returns the (h, w) the content got."""
+    s = pre.size
+    new_h, new_w, top, left = _content_place(gray.shape, pre)
     # Bilinear with PIL's antialiasing (its filter widens when shrinking), in float.
     source = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32))      # mode "F"
     resized = np.asarray(source.resize((new_w, new_h), Image.BILINEAR))
@@ -272,7 +278,6 @@ def _resize(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[int, i
     if (new_h, new_w) == (s, s):
         return resized.astype(np.float32), (new_h, new_w)
     canvas = np.zeros((s, s), np.float32)
-    top, left = (s - new_h) // 2, (s - new_w) // 2
     canvas[top:top + new_h, left:left + new_w] = resized
     return canvas, (new_h, new_w)
 
@@ -376,6 +381,30 @@ def prepare_gray(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[i
         gray = equalize(gray)
     image_out, content_hw = _resize(gray, pre)
     return image_out[None], content_hw, lungs_found
+
+
+def frame_boxes(gray: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """Where each channel's picture of a whole gray slice (h, w) lies in channel 0's input, which shows
+    the whole slice: float64 (views, 4) of (top, bottom, left, right) in input pixels. A lung crop's
+    row is its box (covidct.lungs.crop_box, found as prepare_gray finds it), the other rows the whole
+    slice's place; all NaN when channel 0 is itself a crop (no common frame). Grad-CAM pastes a crop
+    member's heatmap into that box (covidct.gradcam)."""
+    from .lungs import crop_box, find_lungs
+
+    gray = np.asarray(gray, np.float32)
+    boxes = np.full((len(pre.views), 4), np.nan)
+    if pre.views[0][0] != "none":
+        return boxes
+    new_h, new_w, top, left = _content_place(gray.shape, pre)
+    scale_y, scale_x = new_h / gray.shape[0], new_w / gray.shape[1]
+    for index, (lungs, intensity) in enumerate(pre.views):
+        box = (0, gray.shape[0], 0, gray.shape[1])
+        if lungs != "none":                      # as _cut_to_lungs: on the calibrated slice when it is one
+            seen = window_calibrate(gray) if intensity == "window" else gray
+            box = crop_box(find_lungs(seen), gray.shape, pre.lung_margin)
+        y0, y1, x0, x1 = box
+        boxes[index] = top + y0 * scale_y, top + y1 * scale_y, left + x0 * scale_x, left + x1 * scale_x
+    return boxes
 
 
 LUNG_GRAY, SOFT_TISSUE_GRAY = 0.15, 0.6    # where window_calibrate puts the two tissues' medians

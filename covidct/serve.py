@@ -144,14 +144,15 @@ def decode_upload(served: ServedModel, data: bytes, filename: str) -> tuple[np.n
 
 def analyse_upload(served: ServedModel, data: bytes, filename: str = "upload") -> dict:
     """The page's JSON for one uploaded slice: P(COVID), label, threshold and four pictures."""
-    from .gradcam import gradcam, mass_inside
+    from .gradcam import frame_boxes_of, gradcam, mass_inside
     from .texture import texture_inputs
 
     image, whole_slice, kind = decode_upload(served, data, filename)
     x = mc.to_device(normalize(image[None], served.mean, served.std), served.device)
     with served.lock:
         heatmap, logits = gradcam(served.model, x, target_class=1, return_logits=True,
-                                  features=texture_inputs(served.model, grays=[whole_slice]))
+                                  features=texture_inputs(served.model, grays=[whole_slice]),
+                                  boxes=frame_boxes_of(served.model, served.preprocess, [whole_slice]))
         conv, conv_input, layer = first_conv(served.model, x)
         maps = mc.as_numpy(conv(conv_input))[0]                         # (F, h, w)
         served.model.release_saved()

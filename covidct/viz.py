@@ -30,7 +30,7 @@ import minicnn as mc  # noqa: E402
 
 from . import CLASS_NAMES, COVID  # noqa: E402
 from .errors import CovidCTError  # noqa: E402
-from .gradcam import DISTANCE_BANDS, feature_maps, gradcam, mass_by_distance  # noqa: E402
+from .gradcam import DISTANCE_BANDS, feature_maps, frame_boxes_of, gradcam, mass_by_distance  # noqa: E402
 
 __all__ = ["HAND_KERNELS", "hand_kernel_conv", "apply_hand_kernels", "plot_filters", "plot_feature_maps",
            "plot_hand_kernels", "plot_gradcam_grid", "plot_gradcam_overlay", "select_examples", "gradcam_grid",
@@ -266,10 +266,13 @@ def _normalized(images, meta, device="cpu"):
 def gradcam_grid(checkpoint, data_root, split: str = "val", path="gradcam_grid.png", n: int = 16,
                  cache_dir=None, seed: int = 0, device: str = "cpu") -> Path:
     """Grad-CAM (COVID logit) grid of n slices of a split: half correct, half wrong predictions."""
+    from .preprocess import Preprocess, read_gray
+
     model, meta, images, labels, paths, probs = _load_split(checkpoint, data_root, split, cache_dir, device)
     threshold = float(meta.get("threshold", 0.5))
     chosen = select_examples(labels, probs, threshold, n, seed)
-    heatmaps = gradcam(model, _normalized(images[chosen], meta, device), target_class=COVID)
+    boxes = frame_boxes_of(model, Preprocess.from_dict(meta["preprocess"]), (read_gray(paths[i]) for i in chosen))
+    heatmaps = gradcam(model, _normalized(images[chosen], meta, device), target_class=COVID, boxes=boxes)
     wrong = int(np.sum((probs[chosen] >= threshold).astype(int) != labels[chosen]))
     title = (f"Grad-CAM for the COVID logit, {split} split: {len(chosen) - wrong} correct, {wrong} wrong "
              f"(threshold {threshold:.3g})")
@@ -351,7 +354,8 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
 
     # (a) Grad-CAM mass inside the lung mask.
     targets = predicted if cam_target == "predicted" else np.full(len(labels), COVID)
-    heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets)
+    heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets,
+                       boxes=frame_boxes_of(model, preprocess, map(read_gray, paths)))
     found = [input_lung_mask(read_gray(path), preprocess) for path in paths]
     usable = np.array([mask is not None for mask in found])   # implausible masks are left out
     masks = np.stack([mask if mask is not None else np.zeros(images.shape[2:], bool) for mask in found])

@@ -161,6 +161,46 @@ def test_gradcam_of_a_multi_view_ensemble_is_that_of_its_whole_slice_members(vie
     np.testing.assert_allclose(gradcam(ensemble, x, target_class=1), expected, atol=1e-5)
 
 
+def test_frame_boxes_place_each_lung_crop_in_the_whole_slice():
+    from covidct.lungs import crop_box, crop_to_lungs, find_lungs
+    from covidct.preprocess import frame_boxes
+    from covidct.synthetic import make_slice
+
+    gray = np.pad(make_slice(1, np.random.default_rng(2), size=96), ((0, 0), (24, 24)))   # 96 x 144: wider than high
+    lungs = find_lungs(gray)
+    top, bottom, left, right = crop_box(lungs, gray.shape, 0.08)
+    assert lungs.found and crop_to_lungs(gray, lungs).shape == (bottom - top, right - left)
+    stretch = frame_boxes(gray, Preprocess(size=48, resize="stretch", lungs="none,crop"))
+    np.testing.assert_allclose(stretch[0], [0, 48, 0, 48])                  # channel 0: the whole frame
+    np.testing.assert_allclose(stretch[1], [top / 2, bottom / 2, left / 3, right / 3])     # 96 -> 48, 144 -> 48
+    pad = frame_boxes(gray, Preprocess(size=48, resize="pad", lungs="none,crop"))
+    np.testing.assert_allclose(pad[1], [8 + top / 3, 8 + bottom / 3, left / 3, right / 3])  # 32 rows, 8 above
+    assert np.isnan(frame_boxes(gray, Preprocess(size=48, lungs="crop,none"))).all()      # channel 0 a crop
+
+
+def test_gradcam_pastes_the_crop_members_heat_into_the_crop_box(views_run):
+    from covidct.gradcam import frame_boxes_of, paste_map
+    from covidct.preprocess import read_gray
+
+    np.testing.assert_allclose(paste_map(np.ones((4, 4)), (2, 6, 1, 3), (8, 8)),
+                               np.pad(np.ones((4, 2)), ((2, 2), (1, 5))))
+    root, data, _, _ = views_run
+    ensemble, meta = load_checkpoint(root / "run" / "ensemble.npz")
+    crop, crop_meta = load_checkpoint(root / "run" / "member0-crop" / "best.npz")
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    paths = read_dataset(data, "test").paths[:3]
+    x = np.stack([load_image(p, preprocess) for p in paths])
+    boxes = frame_boxes_of(ensemble, preprocess, map(read_gray, paths))
+    assert boxes.shape == (3, 2, 4) and frame_boxes_of(crop, preprocess, map(read_gray, paths)) is None
+    whole_only = gradcam(ensemble, x, target_class=1).astype(np.float64)   # the whole-slice member alone
+    mean, std = crop_meta["normalization"]["mean"], crop_meta["normalization"]["std"]
+    crop_maps = gradcam(crop, (x[:, 1:] - np.float32(mean)) / np.float32(std), target_class=1)
+    total = whole_only + [paste_map(m, box, (32, 32)) for m, box in zip(crop_maps, boxes[:, 1])]
+    both = gradcam(ensemble, x, target_class=1, boxes=boxes)
+    np.testing.assert_allclose(both, total / total.max(axis=(1, 2), keepdims=True), atol=1e-5)
+    assert not np.allclose(both, whole_only, atol=1e-3)
+
+
 def test_onnx_export_of_a_multi_view_ensemble(views_run, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
