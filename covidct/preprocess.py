@@ -373,14 +373,18 @@ def prepare_gray(gray: np.ndarray, pre: Preprocess) -> tuple[np.ndarray, tuple[i
         outputs = [prepare_gray(gray, pre.view(index)) for index in range(len(pre.views))]
         return (np.concatenate([image for image, _, _ in outputs]), outputs[0][1],
                 all(found for _, _, found in outputs))
-    gray = np.asarray(gray, np.float32)
-    if pre.intensity == "window":                # on the whole slice: it needs the lungs and the body
-        gray = window_calibrate(gray)
-    gray, lungs_found = _cut_to_lungs(gray, pre)
+    gray, lungs_found = _cut_to_lungs(_calibrated(gray, pre), pre)
     if pre.intensity == "equalize":
         gray = equalize(gray)
     image_out, content_hw = _resize(gray, pre)
     return image_out[None], content_hw, lungs_found
+
+
+def _calibrated(gray: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """The whole slice as float32, window-calibrated when the (single-view) pre asks for it: calibration
+    comes before the lung cut, as it needs the lungs and the body (prepare_gray, frame_boxes)."""
+    gray = np.asarray(gray, np.float32)
+    return window_calibrate(gray) if pre.intensity == "window" else gray
 
 
 def frame_boxes(gray: np.ndarray, pre: Preprocess) -> np.ndarray:
@@ -397,10 +401,10 @@ def frame_boxes(gray: np.ndarray, pre: Preprocess) -> np.ndarray:
         return boxes
     new_h, new_w, top, left = _content_place(gray.shape, pre)
     scale_y, scale_x = new_h / gray.shape[0], new_w / gray.shape[1]
-    for index, (lungs, intensity) in enumerate(pre.views):
+    for index, (lungs, _) in enumerate(pre.views):
         box = (0, gray.shape[0], 0, gray.shape[1])
-        if lungs != "none":                      # as _cut_to_lungs: on the calibrated slice when it is one
-            seen = window_calibrate(gray) if intensity == "window" else gray
+        if lungs != "none":                      # the lungs as prepare_gray finds them before its cut
+            seen = _calibrated(gray, pre.view(index))
             box = crop_box(find_lungs(seen), gray.shape, pre.lung_margin)
         y0, y1, x0, x1 = box
         boxes[index] = top + y0 * scale_y, top + y1 * scale_y, left + x0 * scale_x, left + x1 * scale_x
