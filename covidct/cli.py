@@ -129,7 +129,8 @@ def run_train(args, comm=None) -> int:
         config = root_first(comm, lambda: run_config_from_args(TrainConfig, args))
         use_device(comm, config.device)
     ranks = {} if comm is None else {"comm": comm}                # a distributed run
-    summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume), **ranks))
+    summary = run_interruptible("train", config, lambda: train(config, resume=bool(args.resume), jobs=args.jobs,
+                                                               **ranks))
     if summary is None:
         return 130
     if "checkpoint" in summary:                                  # rank 0 of a distributed run
@@ -304,6 +305,7 @@ def run_describe(args) -> int:
 CHECKPOINT = "runs/default-covid-ct/ensemble.npz"   # what `covidct train --data ../shared/covid-ct` writes
 EXAMPLES = {
     "train": "examples:\n  covidct train                                   # synthetic phantom data\n"
+             "  covidct train --data ../shared/covid-ct --jobs 2     # the real-data recipe, 2 cores\n"
              "  covidct train --data ../shared/covid-ct --epochs 60\n"
              "  covidct train --resume runs/default-covid-ct\n"
              "  mpiexec -n 2 covidct train --distributed --data ../shared/covid-ct   # 2 processes",
@@ -363,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distributed", nargs="?", const="mpi", default=None, choices=["mpi", "nccl"],
                        help="data-parallel over the ranks of 'mpiexec -n N': gradients averaged over MPI "
                             "(default) or NCCL (--device gpu, one GPU per rank); --batch-size is the global batch")
+    train.add_argument("--jobs", type=int, default=1, help="an ensemble's models trained at once, in worker "
+                       "processes, with the texture features beside them (the models of --jobs 1, to "
+                       "float rounding; on 2 cores use 2)")
     add_run_arguments(command("pretrain", "self-supervised pretraining (rotation prediction) on the "
                               "training images, for covidct train --pretrained"), PretrainConfig)
     add_cv_arguments(command("cv", "k-fold cross-validation over train + val (folds grouped by source): "

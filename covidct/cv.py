@@ -59,6 +59,7 @@ from .errors import CovidCTError
 from .metrics import bootstrap_ci, classification_metrics, roc_auc, roc_curve, threshold_for_sensitivity
 from .sources import slice_groups, source_group  # noqa: F401  (source_group: public here too)
 from .texture import texture_features
+from .workers import check_jobs, limit_threads, training_cost, worker_threads
 
 __all__ = ["source_group", "grouped_folds", "youden_threshold", "cross_validate", "format_cv_table"]
 
@@ -109,13 +110,9 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
     tta: the held-out probability combines the slice's and its left-right mirror image's.
     resume: continue the fold's run from its last.npz if one was saved."""
     if blas_threads:                                     # a worker shares the cores with the others
-        from minicnn import fast
-        fast.set_num_threads(blas_threads)
-        try:
-            from threadpoolctl import threadpool_limits   # BLAS was loaded before the fork: limit it live
-            threadpool_limits(blas_threads)
-        except ImportError:
-            pass
+        limit_threads(blas_threads)
+    from minicnn import fast
+
     from .evaluate import predict_checkpoint
     from .train import Trainer
 
@@ -129,22 +126,12 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
         # else: training had finished; only the held-out predictions are missing
     else:
         trainer.fit()
-    scores = predict_checkpoint(run_dir / "best.npz", test_images, config.device, tta=tta)
+    with fast.one_blas_thread():                         # as in a worker, whose BLAS has one thread
+        scores = predict_checkpoint(run_dir / "best.npz", test_images, config.device, tta=tta)
     mode = "a" if resume else "w"
     with open(run_dir / "log.txt", mode) as log_file:
         log_file.write("".join(f"{line}\n" for line in lines))
     return scores, str(run_dir / "best.npz")
-
-
-def training_cost(task) -> int:
-    """Multiply-adds to train one fold model: (forward + backward ~ 3 forwards) x images x epochs."""
-    from .model import build_model, count_multiply_adds
-    from .train import model_config_for
-
-    config, data = task[3], task[4]
-    model_config = model_config_for(config)
-    one_image = (model_config.in_channels, model_config.input_size, model_config.input_size)
-    return 3 * count_multiply_adds(build_model(model_config), one_image) * len(data.train_images) * config.epochs
 
 
 def completed_epochs(run_dir: Path) -> int:
@@ -213,8 +200,9 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
     from .train import (TrainData, ensemble_members, extra_checkpoint, load_extra, load_split, member_seed,
                         model_config_for, preprocess_for, pretrain_on_extra)
 
-    if repeats < 1 or jobs < 1:
-        raise CovidCTError(f"--repeats and --jobs must be >= 1, got {repeats} and {jobs}")
+    if repeats < 1:
+        raise CovidCTError(f"--repeats must be >= 1, got {repeats}")
+    check_jobs(jobs, config.device)
     target = config.target_sensitivity                  # for the OOF threshold, not for the fold runs
     config = replace(config, select="last", target_sensitivity=None, progress=False)
     config.validate()
@@ -279,7 +267,7 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
     else:
         # J workers; the texture features (a minute of one core) and then the slowest fold models
         # start first, so that no worker sits idle while the last big model trains alone
-        blas_threads = max(1, (os.cpu_count() or 1) // jobs)
+        blas_threads = worker_threads(jobs)
         pool = ProcessPoolExecutor(max_workers=jobs)
         if config.texture:
             log(f"lung-texture features of {len(paths) + (len(extra[2]) if extra else 0)} slices "
@@ -287,7 +275,8 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
             texture_futures = [pool.submit(texture_features, list(p), config.texture_intensities)
                                for p in (paths, extra[2] if extra is not None else [])]
         futures = {pool.submit(_train_fold, *task[3:], blas_threads, tta, resume): task
-                   for task in sorted(todo, key=training_cost, reverse=True)}
+                   for task in sorted(todo, key=lambda task: training_cost(task[3], len(task[4].train_images)),
+                                      reverse=True)}
         results = ((futures[future], future.result()) for future in as_completed(futures))
     for (repeat, fold, number, fold_config, data, _), (scores, _) in results:
         write_heldout(fold_config.out, data.val_paths, scores)

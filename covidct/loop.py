@@ -207,7 +207,9 @@ class EpochLoop:
     # -- the whole run -----------------------------------------------------------------------
     def fit(self):
         config = self.config
-        with RunLock(self.run_dir, self.log) if self.is_root else contextlib.nullcontext():
+        # BLAS on one thread: the same weights on any machine and with any --jobs (minicnn.fast)
+        with RunLock(self.run_dir, self.log) if self.is_root else contextlib.nullcontext(), \
+                mc.fast.one_blas_thread():
             if self.is_root:
                 write_run_config(self.run_dir, config)
             self.log(self.describe())

@@ -551,9 +551,15 @@ def _disk_cache_file(cache_dir: Path, pre_key: str, content_hash: str) -> Path:
     return cache_dir / f"images-{pre_key}" / content_hash[:2] / f"{content_hash}.npz"
 
 
+# np.load parses each array's header with ast.literal_eval, and CPython 3.11's AST construction is not
+# thread-safe (a rare "SystemError: AST constructor recursion depth mismatch" when the loader's threads
+# read cache entries at once; python/cpython#106905): one reader at a time. The reads are short.
+_npz_read_lock = threading.Lock()
+
+
 def _load_cached(file: Path, shape: tuple[int, int, int]):
     try:
-        with np.load(file, allow_pickle=False) as npz:
+        with _npz_read_lock, np.load(file, allow_pickle=False) as npz:
             image, content_hw, lungs_found = npz["image"], npz["content_hw"], npz["lungs_found"]
     except (OSError, ValueError, KeyError, EOFError):  # absent or damaged entry: decode again
         return None

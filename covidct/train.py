@@ -32,6 +32,7 @@ train on arrays they already hold:
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from .runlock import RunLock
 from .preprocess import (RESIZE_MODES, Preprocess, compute_normalization, load_images, view_modes,
                          view_name, view_pairs, views_error)
 from .scan import CTWindow
+from .workers import check_jobs
 
 SELECT_METRICS = ("auc", "accuracy", "balanced_accuracy", "loss", "last")
 OPTIMIZERS, SCHEDULES, DEVICES = ("sgd", "adam", "adamw"), ("none", "step", "cosine"), ("cpu", "gpu")
@@ -606,17 +608,23 @@ class Trainer(EpochLoop):
         plot_history(frame[[c for c in frame.columns if c not in ("lr", "seconds")]], self.run_dir / "curves.png")
 
 
-def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None) -> dict:
+def train(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None, comm=None,
+          jobs: int = 1) -> dict:
     """Train (or resume) a run; returns the kept epoch's validation summary (on rank 0 of ``comm``).
     With config.members > 1, several views (--lungs, --intensity) or presets (--model): an ensemble
     (``train_members``).
 
     The run directory is locked first (by rank 0 of a distributed run), so a second writer is refused
-    before any work.
+    before any work. jobs: an ensemble's members trained at once in that many worker processes
+    (``train_members``; the results are a serial run's).
     """
     config.validate()                                   # a bad option leaves no run directory behind
+    check_jobs(jobs, config.device)
+    if jobs > 1 and comm is not None:
+        raise CovidCTError(f"--jobs {jobs} and --distributed: a distributed run trains each member on all ranks "
+                           f"in turn; use one of the two")
     if config.is_ensemble:
-        return train_members(config, resume, log, data, comm)
+        return train_members(config, resume, log, data, comm, jobs)
     with RunLock(config.out, log) if comm is None or comm.rank == 0 else contextlib.nullcontext():
         trainer = Trainer(config, data=data, log=log, comm=comm)
         if resume:
@@ -668,13 +676,15 @@ def ensemble_members(config: TrainConfig) -> list[tuple[int, TrainConfig, str, i
 
 
 def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None,
-                  comm=None) -> dict:
+                  comm=None, jobs: int = 1) -> dict:
     """An ensemble: config.members runs that differ only in their seed, for every view (--lungs x
     --intensity) and preset (--model), in RUN/member<i>[-<view>][-<preset>]/ (``ensemble_members``),
     joined into RUN/ensemble.npz (the mean of their log-odds, covidct.ensemble) with its threshold
     chosen on val like a single run's. The data is decoded once for all members. On resume, finished
-    members are kept and a stopped one continues from its last.npz. With ``comm`` (--distributed)
-    every member is trained data-parallel by all ranks in turn, and rank 0 writes the ensemble."""
+    members are kept and a stopped one continues from its last.npz. With jobs > 1 the members train
+    in that many worker processes, slowest first, and the texture features are computed beside them
+    (``train_at_once``). With ``comm`` (--distributed) every member is trained data-parallel by all
+    ranks in turn, and rank 0 writes the ensemble."""
     from .ensemble import combine_probabilities, save_ensemble
 
     out = Path(config.out)
@@ -690,28 +700,25 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
                                          log=log)
         plan = ensemble_members(config)
         view_data = [data.view(index) for index in range(len(config.views))]
-        checkpoints = []
-        for number, (view_index, view_config, suffix, member) in enumerate(plan):
-            member_config = replace(view_config, out=str(out / f"member{member}{suffix}"),
-                                    seed=member_seed(config.seed, member))
-            log(f"member {number + 1}/{len(plan)}: --model {member_config.model} --lungs {member_config.lungs} "
-                f"--intensity {member_config.intensity}, seed {member_config.seed}, {member_config.out}")
-            trainer = Trainer(member_config, data=view_data[view_index], log=log, comm=comm)
-            if resume and finished(trainer):
-                log(f"member {number + 1} had finished")
-            else:
-                if resume and (trainer.run_dir / "last.npz").is_file():
-                    trainer.resume()
-                trainer.fit()
-            checkpoints.append(str(trainer.run_dir / "best.npz"))
+        members = [(replace(view_config, out=str(out / f"member{member}{suffix}"), seed=member_seed(config.seed, member)),
+                    view_data[view_index]) for view_index, view_config, suffix, member in plan]
+        features = None                                 # texture features, when computed beside the members
+        if jobs > 1 and comm is None:
+            checkpoints, features = train_at_once(config, members, data, jobs, resume, log)
+        else:
+            checkpoints = []
+            for number, (member_config, member_data) in enumerate(members):
+                log(f"member {number + 1}/{len(members)}: {member_text(member_config)}")
+                checkpoints.append(fit_member(member_config, member_data, resume, log, comm))
         if not root:
             return {"run_dir": str(out)}
-        val_scores = [predict_checkpoint(path, view_data[view_index].val_images, config.device, tta=config.tta)
-                      for path, (view_index, *_) in zip(checkpoints, plan)]
+        val_scores = [predict_checkpoint(path, member_data.val_images, config.device, tta=config.tta)
+                      for path, (_, member_data) in zip(checkpoints, members)]
         textures = []
         if config.texture:
             textures, texture_scores = fit_texture_members(data.train_paths, data.train_labels, data.val_paths,
-                                                           config.texture_intensities, seed=config.seed, log=log)
+                                                           config.texture_intensities, seed=config.seed, log=log,
+                                                           features=features)
             val_scores = val_scores + texture_scores
         scores = combine_probabilities(val_scores)
         threshold = choose_threshold(data.val_labels, scores, config.target_sensitivity)
@@ -724,23 +731,110 @@ def train_members(config: TrainConfig, resume: bool = False, log=print, data: Tr
                 "val_at_0.5": metrics["threshold_0.5"], "run_dir": str(out), "checkpoint": str(ensemble)}
 
 
-def fit_texture_members(train_paths, train_labels, test_paths, intensities=("window",), seed: int = 0, log=print):
+def member_text(config: TrainConfig) -> str:
+    return f"--model {config.model} --lungs {config.lungs} --intensity {config.intensity}, seed {config.seed}, {config.out}"
+
+
+def fit_member(config: TrainConfig, data: TrainData, resume: bool = False, log=print, comm=None) -> str:
+    """Train one member's run (resume: keep it when it had finished, else continue from its last.npz)
+    -> its best.npz."""
+    trainer = Trainer(config, data=data, log=log, comm=comm)
+    if resume and finished(trainer):
+        log(f"{trainer.run_dir.name} had finished: kept")
+    else:
+        if resume and (trainer.run_dir / "last.npz").is_file():
+            trainer.resume()
+        trainer.fit()
+    return str(trainer.run_dir / "best.npz")
+
+
+def fit_member_in_worker(config: TrainConfig, data: TrainData, resume: bool, threads: int, echo: bool) -> str:
+    """fit_member in a worker process on ``threads`` BLAS threads; its lines go to the run's log.txt
+    and, with echo, to stdout too, each after the run's name."""
+    from .workers import limit_threads
+
+    limit_threads(threads)
+    config = replace(config, progress=False)            # several bars at once would garble the terminal
+    lines, name = [], Path(config.out).name
+
+    def log(line):
+        lines.append(line)
+        if echo:
+            print(f"[{name}] {line}", flush=True)
+    try:
+        return fit_member(config, data, resume, log)
+    finally:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(config.out) / "log.txt", "a" if resume else "w") as log_file:
+            log_file.write("".join(f"{line}\n" for line in lines))
+
+
+def train_at_once(config: TrainConfig, members, data: TrainData, jobs: int, resume: bool, log=print):
+    """The members [(config, data)] trained in ``jobs`` worker processes, the slowest first, with the texture
+    features (when the recipe has texture models) computed in a worker beside them -> (best.npz of each
+    member in order, (train features, val features) or None)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from .texture import texture_features
+    from .workers import training_cost, worker_threads
+
+    jobs = min(jobs, len(members) + config.texture)     # no idle workers
+    started, threads = time.perf_counter(), worker_threads(jobs)
+    checkpoints = [None] * len(members)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        feature_futures = []
+        if config.texture:
+            check_texture_files(list(data.train_paths) + list(data.val_paths))
+            log(f"lung-texture features of {len(data.train_paths)} + {len(data.val_paths)} slices "
+                f"({', '.join(config.texture_intensities)}), beside the members")
+            feature_futures = [pool.submit(texture_features, list(paths), config.texture_intensities)
+                               for paths in (data.train_paths, data.val_paths)]
+        order = sorted(range(len(members)), reverse=True,
+                       key=lambda number: training_cost(members[number][0], len(members[number][1].train_images)))
+        log(f"{len(members)} members in {jobs} worker processes, the slowest first; each one's log is its "
+            f"run's log.txt")
+        echo = log is print                             # on the command line the workers print their epochs
+        futures = {pool.submit(fit_member_in_worker, *members[number], resume, threads, echo): number
+                   for number in order}
+        try:
+            for future in as_completed(futures):
+                number = futures[future]
+                checkpoints[number] = future.result()
+                log(f"member {number + 1}/{len(members)} trained: {member_text(members[number][0])} "
+                    f"({time.perf_counter() - started:.0f}s so far)")
+            features = tuple(future.result() for future in feature_futures) or None
+        except BaseException:                           # a member failed or Ctrl-C: start no more of them
+            pool.shutdown(cancel_futures=True)
+            raise
+    return checkpoints, features
+
+
+def fit_texture_members(train_paths, train_labels, test_paths, intensities=("window",), seed: int = 0, log=print,
+                        features=None):
     """The lung-texture members of an ensemble (covidct.texture), one per gray scale of ``intensities``,
     fitted on the training slices' files (each one's L2 strength by an inner CV grouped by source) ->
     ([TextureMember], [its P(COVID) on test_paths]). Deterministic; about 0.07 s a slice for the features
-    of one gray scale."""
+    of one gray scale. features: (train features, test features) when they were computed already
+    (``train_at_once`` computes them beside the CNNs), else None."""
     from .sources import slice_groups
     from .texture import fit_textures, gray_scale_features, texture_features
 
-    missing = [path for path in list(train_paths) + list(test_paths) if not Path(path).is_file()]
+    if features is None:
+        check_texture_files(list(train_paths) + list(test_paths))
+        log(f"texture models ({', '.join(intensities)}): lung-texture features of {len(train_paths)} + "
+            f"{len(test_paths)} slices ...")
+        features = texture_features(train_paths, intensities), texture_features(test_paths, intensities)
+    train, test = features
+    textures = fit_textures(train, train_labels, slice_groups(train_paths, train_labels), intensities, seed=seed)
+    return textures, [texture.p_covid(gray_scale_features(test, index)) for index, texture in enumerate(textures)]
+
+
+def check_texture_files(paths) -> None:
+    """CovidCTError unless every path is a file: the texture models read each slice's file."""
+    missing = [path for path in paths if not Path(path).is_file()]
     if missing:
         raise CovidCTError(f"the texture model reads each slice's file; {missing[0]} is not one (use --model "
                            f"without 'texture' for images given in memory)")
-    log(f"texture models ({', '.join(intensities)}): lung-texture features of {len(train_paths)} + "
-        f"{len(test_paths)} slices ...")
-    train, test = texture_features(train_paths, intensities), texture_features(test_paths, intensities)
-    textures = fit_textures(train, train_labels, slice_groups(train_paths, train_labels), intensities, seed=seed)
-    return textures, [texture.p_covid(gray_scale_features(test, index)) for index, texture in enumerate(textures)]
 
 
 def finished(trainer: Trainer) -> bool:

@@ -16,6 +16,7 @@ checkpoint (ensemble.npz; about 6 min on 2 cores for COVID-CT). Without a test s
 ../shared/covid-ct) the evaluation is the validation split's, and it is labelled as such.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--members", type=int, default=None, metavar="M",
                         help="train an ensemble of this many seeds (default: covidct train's)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="an ensemble's models trained at once in worker processes (default: one per core)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -61,7 +64,7 @@ def run(args) -> int:
         config.epochs = args.epochs
     if args.members:
         config.members = args.members
-    summary = train(config)
+    summary = train(config, jobs=1 if args.device != "cpu" else args.jobs)
 
     from covidct.cli import main as covidct  # the same code paths a user gets from the command line
 

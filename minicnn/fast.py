@@ -25,7 +25,8 @@ here is a host NumPy array, see use_fast_path: the `# host-ok` marks say so):
 Determinism. Every chunk is computed by one thread, chunk boundaries depend on the
 batch and layer sizes only (never on the thread count), and per-chunk results that
 must be summed (the conv weight and bias gradients) are added in chunk order. So
-any thread count gives bit-identical results. Against the readable version: the
+any thread count gives bit-identical results (BLAS's own threads are another matter:
+``one_blas_thread()``). Against the readable version: the
 forward outputs, max-pool, col2im and all input gradients are the same numbers
 (the same operations on each element, in the same order); the conv weight and bias
 gradients are sums over the batch taken chunk by chunk, which rounds differently
@@ -37,6 +38,7 @@ BLAS uses (threadpoolctl), otherwise the usable CPU count. ``MINICNN_FAST=0``
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -136,6 +138,26 @@ def _blas_threads() -> int | None:
     if controller is None or not controller.lib_controllers:
         return None
     return max(lib.num_threads for lib in controller.lib_controllers)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Within: BLAS held at one thread while the pool keeps its threads, so that results do not depend
+    on the machine's cores. OpenBLAS sums some products in another order on one thread than on two
+    (about 1e-7 apart after a few steps, and a training run amplifies that into other weights); the
+    pool's chunks never depend on the thread count. Without threadpoolctl BLAS cannot be limited
+    live, and this changes nothing (set OPENBLAS_NUM_THREADS=1 and MINICNN_NUM_THREADS instead)."""
+    controller = _blas_controller()
+    if controller is None or not controller.lib_controllers:
+        yield
+        return
+    saved = _settings["threads"]
+    _settings["threads"] = num_threads()            # the pool keeps the count BLAS gave it
+    try:
+        with controller.limit(limits=1):
+            yield
+    finally:
+        _settings["threads"] = saved
 
 
 # -- the pool ------------------------------------------------------------------------------------

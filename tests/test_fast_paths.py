@@ -408,3 +408,16 @@ def test_small_batches_run_in_the_calling_thread(monkeypatch, threads):
     assert seen == {threading.get_ident()}
     fast.parallel_chunks(4, lambda index: seen.add(threading.get_ident()), batch=32, bytes_per_image=32)
     assert len(seen) == 2
+
+
+def test_one_blas_thread_holds_blas_and_keeps_the_pool():
+    threadpoolctl = pytest.importorskip("threadpoolctl")     # in the test extra
+
+    def blas_threads():
+        return max(info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas")
+
+    before, pool = blas_threads(), fast.num_threads()
+    with fast.one_blas_thread():
+        assert blas_threads() == 1
+        assert fast.num_threads() == pool                    # the pool keeps the count BLAS gave it
+    assert blas_threads() == before and fast.num_threads() == pool

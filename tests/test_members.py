@@ -72,7 +72,7 @@ def test_a_stopped_ensemble_resumes_to_the_same_models(ensemble_run, tmp_path, m
     assert not (tmp_path / "stopped" / "ensemble.npz").exists()
     logs = []
     train(config(data, tmp_path / "stopped"), resume=True, log=logs.append)
-    assert any("member 1 had finished" in line for line in logs)
+    assert any("member0 had finished" in line for line in logs)
     assert any("resuming" in line for line in logs)                 # member 2 continued from its last.npz
     for name in ("member0/best.npz", "member1/best.npz"):
         resumed, _, _ = read_checkpoint(tmp_path / "stopped" / name)

@@ -49,7 +49,7 @@ def test_schedule_flags_reach_the_pretrain_config(tmp_path):
 def test_ctrl_c_says_how_to_continue(command, target, tmp_path, monkeypatch, capsys):
     from covidct.cli import main
 
-    def interrupted(config, resume=False):
+    def interrupted(config, resume=False, **_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(target, interrupted)

@@ -290,10 +290,10 @@ def test_train_covid_example_returns_a_failed_steps_status(data, tmp_path, monke
     spec = importlib.util.spec_from_file_location("train_covid", Path(__file__).parents[1] / "examples" / "train_covid.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    monkeypatch.setattr(example, "train", lambda config: {"best_epoch": 1, "checkpoint": str(tmp_path / "best.npz")})
+    monkeypatch.setattr(example, "train", lambda config, **_: {"best_epoch": 1, "checkpoint": str(tmp_path / "best.npz")})
     monkeypatch.setattr("covidct.cli.main", lambda argv: 2)        # evaluate fails (and says why itself)
     args = example.argparse.Namespace(data=str(data), out=str(tmp_path / "run"), epochs=1, device="cpu", seed=0,
-                                      no_progress=True, members=None)
+                                      no_progress=True, members=None, jobs=1)
     assert example.run(args) == 2
 
 

@@ -1,10 +1,11 @@
 """covidct.texture (lung-texture features, logistic regression) and examples/texture_member.py."""
-from types import SimpleNamespace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from covidct.checkpoint import read_checkpoint
 from covidct.cv import cross_validate, join_runs
 from covidct.lungs import find_lungs
 from covidct.metrics import roc_auc
@@ -208,7 +209,8 @@ def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
 def test_cv_workers_compute_the_texture_features_beside_the_slowest_models_first(tmp_path):
     from dataclasses import replace
 
-    from covidct.cv import model_names, training_cost
+    from covidct.cv import model_names
+    from covidct.workers import training_cost
 
     data = write_dataset(tmp_path / "data", n=32, seed=9, size=48)
     extra = write_dataset(tmp_path / "extra", n=12, seed=10, size=48)
@@ -224,10 +226,35 @@ def test_cv_workers_compute_the_texture_features_beside_the_slowest_models_first
             held_out = [pd.read_csv(tmp_path / run / f"r0-fold{fold}-{name}" / "heldout.csv") for run in ("one", "two")]
             pd.testing.assert_frame_equal(*held_out)
 
-    def task(model):                                            # (repeat, fold, number, config, data, test images)
-        return 0, 0, 0, replace(config, model=model), SimpleNamespace(train_images=range(10)), None
+    assert training_cost(replace(config, model="deep-small"), 10) > 2 * training_cost(replace(config, model="tiny"), 10)
 
-    assert training_cost(task("deep-small")) > 2 * training_cost(task("tiny"))
+
+def test_train_jobs_trains_the_members_in_workers_with_the_serial_results(tmp_path):
+    from covidct.errors import CovidCTError
+    from covidct.train import train
+    from covidct.workers import check_jobs
+
+    data = write_dataset(tmp_path / "data", n=32, seed=11, size=48)
+    config = tiny_train_config(data, tmp_path / "one", epochs=1, lungs="none,crop", tta=False, image_size=32,
+                               model="tiny,deep-small:none,texture")
+    one = train(config, log=lambda *_: None)
+    logs = []
+    two = train(replace(config, out=str(tmp_path / "two")), jobs=2, log=logs.append)
+    assert any("beside the members" in line for line in logs)
+    assert sum("trained:" in line for line in logs) == 3                # tiny on both views, deep-small on one
+    assert two["val"] == one["val"] and two["threshold"] == one["threshold"]
+    for name in ("member0-none-tiny", "member0-crop-tiny", "member0-none-deep-small"):   # bit for bit
+        serial, _, _ = read_checkpoint(tmp_path / "one" / name / "best.npz")
+        parallel, _, _ = read_checkpoint(tmp_path / "two" / name / "best.npz")
+        for key in serial:
+            np.testing.assert_array_equal(serial[key], parallel[key], err_msg=f"{name} {key}")
+        assert "epoch 1" in (tmp_path / "two" / name / "log.txt").read_text()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / "predictions.csv"),
+                                  pd.read_csv(tmp_path / "two" / "predictions.csv"))
+    with pytest.raises(CovidCTError, match="--jobs 2 trains models in CPU worker processes"):
+        check_jobs(2, "gpu")                         # (train checks --device gpu's CuPy first)
+    with pytest.raises(CovidCTError, match="--jobs must be >= 1"):
+        train(config, jobs=0)
 
 
 def test_hand_edited_texture_gray_scale_is_one_line(texture_run, tmp_path):
