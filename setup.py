@@ -20,6 +20,9 @@ setup(
     ],
     entry_points={"console_scripts": ["covidct = covidct.cli:main"]},
     extras_require={
+        # threadpoolctl lets minicnn hold BLAS at one thread: its thread pool then uses the cores, and
+        # training gives the same weights on any machine (README, "Determinism and threads").
+        "fast": ["threadpoolctl>=3"],
         "test": ["pytest>=7", "threadpoolctl>=3", "safetensors>=0.4"],
         "gpu": ["cupy-cuda12x"],
         # DICOM / NIfTI scans (covidct predict scan.nii.gz), ONNX export, the local web page.
