@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-parallel over the ranks of 'mpiexec -n N': gradients averaged over MPI "
                             "(default) or NCCL (--device gpu, one GPU per rank); --batch-size is the global batch")
     train.add_argument("--jobs", type=int, default=1, help="an ensemble's models trained at once, in worker "
-                       "processes, with the texture features beside them (the models of --jobs 1, to "
-                       "float rounding; on 2 cores use 2)")
+                       "processes, with the texture features beside them (the same models as --jobs 1, bit for "
+                       "bit; on 2 cores use 2)")
     add_run_arguments(command("pretrain", "self-supervised pretraining (rotation prediction) on the "
                               "training images, for covidct train --pretrained"), PretrainConfig)
     add_cv_arguments(command("cv", "k-fold cross-validation over train + val (folds grouped by source): "

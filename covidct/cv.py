@@ -109,12 +109,13 @@ def _train_fold(config, data, test_images, blas_threads: int | None, tta: bool =
     """Train one fold (in this process or a worker) -> (P(COVID) on the held-out fold, best.npz path).
     tta: the held-out probability combines the slice's and its left-right mirror image's.
     resume: continue the fold's run from its last.npz if one was saved."""
-    if blas_threads:                                     # a worker shares the cores with the others
-        limit_threads(blas_threads)
     from minicnn import fast
 
     from .evaluate import predict_checkpoint
     from .train import Trainer
+
+    if blas_threads:                                     # a worker shares the cores with the others
+        limit_threads(blas_threads)
 
     lines = []
     run_dir = Path(config.out)
