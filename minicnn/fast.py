@@ -146,7 +146,8 @@ def one_blas_thread():
     on the machine's cores. OpenBLAS sums some products in another order on one thread than on two
     (about 1e-7 apart after a few steps, and a training run amplifies that into other weights); the
     pool's chunks never depend on the thread count. Without threadpoolctl BLAS cannot be limited
-    live, and this changes nothing (set OPENBLAS_NUM_THREADS=1 and MINICNN_NUM_THREADS instead)."""
+    live, and this changes nothing (OPENBLAS_NUM_THREADS=1 set before Python starts gives the same
+    weights)."""
     controller = _blas_controller()
     if controller is None or not controller.lib_controllers:
         yield

@@ -207,8 +207,6 @@ def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
 
 
 def test_cv_workers_compute_the_texture_features_beside_the_slowest_models_first(tmp_path):
-    from dataclasses import replace
-
     from covidct.cv import model_names
     from covidct.workers import training_cost
 
