@@ -1,6 +1,8 @@
 """Which part of a classifier learns in an epoch, and what it is fed: one small strategy per case.
 
     WholeModel       every layer learns; batches of (augmented, normalised) images
+    LungAttention    the same, with a penalty on attention outside the lungs (covidct.attention,
+                     --lung-attention)
     FrozenBackbone   only the head learns; the backbone runs forward in eval mode on every batch
                      (needed when images are augmented: each batch looks different)
     CachedFeatures   only the head learns, images are not augmented: the backbone's features
@@ -105,7 +107,9 @@ def strategy_for(trainer, epoch: int, current=None):
     config = trainer.config
     frozen = config.freeze_backbone and not (config.unfreeze_after and epoch >= config.unfreeze_after)
     if not frozen:
-        kind = WholeModel
+        from .attention import LungAttention
+
+        kind = LungAttention if config.attention_strength else WholeModel
     elif trainer.augment or not trainer.cache_features:
         kind = FrozenBackbone
     else:

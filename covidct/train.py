@@ -46,11 +46,12 @@ from .checkpoint import TASK_COVID, check_finite, save_checkpoint
 from .data import read_dataset
 from .errors import CovidCTError
 from .evaluate import choose_threshold, predict_checkpoint, predict_proba, report_text, write_evaluation
+from .attention import parse_strengths, strength_for
 from .frozen import strategy_for
 from .loader import DataLoader
 from .loop import EpochLoop, learning_rate, run_ended, write_run_config  # noqa: F401  (learning_rate: public here too)
 from .metrics import classification_metrics
-from .model import PRESETS, ModelConfig, build_model, count_parameters, preset, split_backbone_head
+from .model import PRESETS, ModelConfig, ResNetConfig, build_model, count_parameters, preset, split_backbone_head
 from .options import option
 from .paths import writable_dir
 from .runlock import RunLock
@@ -118,6 +119,12 @@ class TrainConfig:
                                  metavar="N")
     backbone_lr_scale: float = option(1.0, "the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning)",
                                       metavar="S")
+    lung_attention: str = option("default:none-window=0.3,deep-small:none-equalize=1",
+                                 "train CNNs to keep their last feature map inside the lungs: a penalty of this "
+                                 "strength on its share of activation outside the lung mask (covidct/attention.py); "
+                                 "one number for every CNN, or PRESET[:VIEW]=S entries (the default, chosen by "
+                                 "cross-validation: the two whole-slice CNNs); 0: none",
+                                 metavar="S|PRESET[:VIEW]=S[,...]")
     lungs: str = option("none-window,crop", "how a model sees each slice: none (whole), crop (cut to its lung fields "
                                      "before resizing, covidct/lungs.py), mask (crop, and blank what lies outside "
                                      "the lung mask); each may name its own --intensity (none-window: the whole "
@@ -169,6 +176,18 @@ class TrainConfig:
         entries = [entry.partition(":") for entry in self.model.split(",")]
         return tuple((name, view_pairs(view, "none")[0] if view else None) for name, _, view in entries
                      if name != TEXTURE)
+
+    @property
+    def cnn_views(self) -> tuple[tuple[str, tuple[str, str]], ...]:
+        """(preset, view) of every CNN the recipe trains (per seed), in ensemble_members' order."""
+        lung_views = view_pairs(self.lungs, self.intensity)
+        return tuple((model, view) for view in self.views for model, own_view in self.model_views
+                     if own_view == view or own_view is None and view in lung_views)
+
+    @property
+    def attention_strength(self) -> float:
+        """--lung-attention for this config's one CNN (a member's config; covidct.attention.strength_for)."""
+        return strength_for(self.lung_attention, self.models[0], self.views[0]) if self.model_views else 0.0
 
     @property
     def texture_intensities(self) -> tuple[str, ...]:
@@ -259,6 +278,15 @@ class TrainConfig:
         if len(sizes) > 1 and not self.image_size:
             raise CovidCTError(f"--model {self.model}: the presets take different input sizes "
                                f"({', '.join(map(str, sorted(sizes)))} px); give one with --image-size")
+        parse_strengths(self.lung_attention)
+        attending = [(name, view) for name, view in self.cnn_views if strength_for(self.lung_attention, name, view)]
+        resnets = sorted({name for name, _ in attending if isinstance(PRESETS[name], ResNetConfig)})
+        if resnets:
+            raise CovidCTError(f"--lung-attention {self.lung_attention}: the penalty works on the Sequential presets "
+                               f"(default, wide, deep, deep-small, tiny), not on {', '.join(resnets)}")
+        if attending and self.freeze_backbone:
+            raise CovidCTError(f"--lung-attention {self.lung_attention} trains the conv layers; it does not go with "
+                               f"--freeze-backbone (give --lung-attention 0)")
         if len(self.models) > 1 and (self.pretrained or self.extra_data and self.extra_mode == "pretrain"):
             raise CovidCTError(f"--model {self.model}: starting weights (--pretrained, --extra-mode pretrain) fit "
                                f"one model; use one preset")
@@ -542,6 +570,14 @@ class Trainer(EpochLoop):
     def forward(self, x, epoch: int):
         return self.strategy.forward(x)
 
+    def train_epoch(self, epoch: int) -> dict:
+        row = super().train_epoch(epoch)
+        outside_share = getattr(self.strategy, "outside_share", None)      # --lung-attention only
+        share = outside_share() if outside_share else None
+        if share is not None:
+            row["train_outside_lungs"] = share
+        return row
+
     def backward(self, grad_logits, epoch: int) -> None:
         self.strategy.backward(grad_logits)
 
@@ -571,14 +607,16 @@ class Trainer(EpochLoop):
     def describe(self) -> str:
         return (f"{len(self.data.train_images)} training / {len(self.data.val_images)} validation images at "
                 f"{self.preprocess.size}x{self.preprocess.size}; model '{self.config.model}' with "
-                f"{count_parameters(self.model):,} parameters; device {self.config.device}")
+                f"{count_parameters(self.model):,} parameters; device {self.config.device}"
+                + (f"; lung attention {self.config.attention_strength:g}" if self.config.attention_strength else ""))
 
     def epoch_line(self, row: dict, improved: bool) -> str:
         return (f"epoch {row['epoch']:3d}/{self.config.epochs}  loss {row['train_loss']:.4f}  "
                 f"acc {row['train_accuracy']:.3f} | val loss {row['val_loss']:.4f}  "
                 f"acc {row['val_accuracy']:.3f}  AUC {_fmt(row['val_auc'])}  "
                 f"sens {_fmt(row['val_sensitivity'])}  spec {_fmt(row['val_specificity'])}  "
-                f"({row['seconds']:.1f}s){'  *' if improved and self.config.select != 'last' else ''}")
+                + (f"outside lungs {row['train_outside_lungs']:.2f}  " if "train_outside_lungs" in row else "")
+                + f"({row['seconds']:.1f}s){'  *' if improved and self.config.select != 'last' else ''}")
 
     def finish(self) -> dict:
         """Reload the kept epoch (best.npz), choose its threshold on val, write the evaluation files."""
@@ -662,17 +700,14 @@ def ensemble_members(config: TrainConfig) -> list[tuple[int, TrainConfig, str, i
     run-name suffix ("" for one view and preset, else "-crop", "-none-equalize", "-crop-deep-small", ...),
     seed number)]. Callers set out and seed."""
     multiview, multimodel = len(config.views) > 1, len(config.models) > 1
-    lung_views = view_pairs(config.lungs, config.intensity)
 
     def suffix(lungs, intensity, model):
         names = ([view_name(lungs, intensity)] if multiview else []) + ([model] if multimodel else [])
         return "".join(f"-{name}" for name in names)
 
-    return [(index, replace(config, lungs=view[0], intensity=view[1], model=model, members=1),
+    return [(config.views.index(view), replace(config, lungs=view[0], intensity=view[1], model=model, members=1),
              suffix(*view, model), member)
-            for index, view in enumerate(config.views)
-            for model, own_view in config.model_views if own_view == view or own_view is None and view in lung_views
-            for member in range(config.members)]
+            for model, view in config.cnn_views for member in range(config.members)]
 
 
 def train_members(config: TrainConfig, resume: bool = False, log=print, data: TrainData | None = None,
