@@ -94,6 +94,8 @@ def config_from_args(config_class, args):
                                f"cannot change (only {', '.join('--' + n.replace('_', '-') for n in RESUME_OPTIONS)})")
         known = {f.name for f in fields(config_class)}
         values = {k: v for k, v in values.items() if k in known}
+        for name, before in getattr(config_class, "ADDED_LATER", {}).items():
+            values.setdefault(name, before)                  # a run saved before the option: as it trained
         values.update(given, out=args.resume)
         return config_class(**values)
     return config_class(**given)

@@ -154,6 +154,9 @@ class TrainConfig:
                              "covidct cv's held-out predictions and fold ensemble) also score its left-right "
                              "mirror image and join the two (test-time augmentation)")
 
+    # options added after runs were saved without them, and what those runs did (--resume keeps it)
+    ADDED_LATER = {"lung_attention": "0"}
+
     def __post_init__(self):
         self.extra_data = tuple(self.extra_data or ())
 

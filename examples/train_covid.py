@@ -12,7 +12,8 @@ lands in the run directory (default runs/example-<data>).
 On real data it trains covidct train's default recipe: three CNNs, the `default` preset on the
 window-calibrated whole slice and on its lung crop and `deep-small` on the equalised whole slice,
 and two logistic regressions on the lungs' texture (calibrated and equalised), joined as one
-checkpoint (ensemble.npz; about 5 min on 2 cores for COVID-CT, the models trained side by side in
+checkpoint, the two whole-slice CNNs trained to keep their attention inside the lungs
+(--lung-attention; ensemble.npz; about 5 min on 2 cores for COVID-CT, the models trained side by side in
 one worker process per core: --jobs). Without a test split (like
 ../shared/covid-ct) the evaluation is the validation split's, and it is labelled as such.
 """

@@ -123,3 +123,20 @@ def test_the_strategy_is_chosen_by_the_option(tmp_path):
     strategy = strategy_for(trainer, 0)
     assert isinstance(strategy, LungAttention) and strategy.strength == 0.5
     assert len(strategy.front) + len(strategy.back) == len(trainer.model)
+
+
+def test_a_run_saved_before_the_option_resumes_without_the_penalty(tmp_path):
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    from covidct.options import config_from_args
+
+    saved = asdict(TrainConfig(out=str(tmp_path)))
+    del saved["lung_attention"]                                          # a session-17 run's config.json
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resumed = config_from_args(TrainConfig, argparse.Namespace(resume=str(tmp_path)))
+    assert resumed.lung_attention == "0" and resumed.model == TrainConfig().model
+    saved["lung_attention"] = "deep-small=2"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert config_from_args(TrainConfig, argparse.Namespace(resume=str(tmp_path))).lung_attention == "deep-small=2"
