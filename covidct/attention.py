@@ -117,7 +117,7 @@ def outside_share_penalty(features, masks, weights, strength: float):
         raise CovidCTError(f"lung attention: a {big_h}x{big_w} input does not divide into the {h}x{w} feature map")
     # share of each map cell that is lung (N, 1, h, w), on the features' device
     inside = masks.reshape(n, h, big_h // h, w, big_w // w).mean(axis=(2, 4))[:, None]
-    outside = mc.to_device(1.0 - inside, "gpu" if xp is not np else "cpu").astype(features.dtype)
+    outside = xp.asarray(1.0 - inside, dtype=features.dtype)
     weights = xp.asarray(weights, dtype=features.dtype)
     total = features.sum(axis=(1, 2, 3)) + 1e-6                       # S_n (N,)
     share = (features * outside).sum(axis=(1, 2, 3)) / total          # O_n / S_n (N,)
