@@ -271,6 +271,11 @@ def run_viz(args) -> int:
         print((Path(args.out) / "shortcut.md").read_text())
         print(f"wrote shortcut.json and shortcut.md to {args.out}/")
         return 0
+    if args.action == "cv-gradcam":
+        viz.cv_gradcam(args.run, cam_target=args.target)
+        print((Path(args.run) / "gradcam.md").read_text())
+        print(f"wrote gradcam.json and gradcam.md to {args.run}/")
+        return 0
 
     from .checkpoint import load_checkpoint
 
@@ -341,7 +346,8 @@ EXAMPLES = {
            "--out gradcam.png --n 16\n"
            "  covidct viz lungs --data ../shared/covid-ct --out lungs.png --n 24\n"
            f"  covidct viz shortcut --checkpoint {CHECKPOINT} --data ../shared/covid-ct --split val "
-           "--out shortcut/",
+           "--out shortcut/\n"
+           "  covidct viz cv-gradcam runs/cv-default-covid-ct      # after covidct cv: RUN/gradcam.md",
 }
 
 
@@ -468,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     shortcut.add_argument("--target", default="predicted", choices=["predicted", "covid"],
                           help="class whose Grad-CAM is measured (default: each image's predicted class)")
     shortcut.add_argument("--cache-dir", default=None)
+    heldout = action("cv-gradcam", "Grad-CAM mass in the lungs on a cross-validation's held-out slices, each "
+                     "explained by its fold's models")
+    heldout.add_argument("run", metavar="RUN_DIR", help="a finished covidct cv run folder")
+    heldout.add_argument("--target", default="predicted", choices=["predicted", "covid"],
+                         help="class whose Grad-CAM is measured (default: the class the recipe predicts out of fold)")
     return parser
 
 

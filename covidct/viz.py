@@ -7,6 +7,7 @@
     plot_gradcam_overlay(image, heatmap, path, title)          one slice, for ``covidct predict --gradcam``
     gradcam_grid(checkpoint, data_root, split, path, n=16)     the grid of correct and wrong predictions
     shortcut_check(checkpoint, data_root, split, out_dir)      shortcut.json + shortcut.md -> dict
+    cv_gradcam(run_dir)                                        Grad-CAM in the lungs of a cv run's held-out slices
 
 Every plot function writes one PNG (matplotlib, Agg backend), closes its figure
 and returns the path. See docs/visualize.md.
@@ -30,7 +31,7 @@ import minicnn as mc  # noqa: E402
 
 from . import CLASS_NAMES, COVID  # noqa: E402
 from .errors import CovidCTError  # noqa: E402
-from .gradcam import DISTANCE_BANDS, feature_maps, frame_boxes_of, gradcam, mass_by_distance  # noqa: E402
+from .gradcam import DISTANCE_BANDS, feature_maps, frame_boxes_of, gradcam, mass_by_distance, mass_inside  # noqa: E402
 
 __all__ = ["HAND_KERNELS", "hand_kernel_conv", "apply_hand_kernels", "plot_filters", "plot_feature_maps",
            "plot_hand_kernels", "plot_gradcam_grid", "plot_gradcam_overlay", "select_examples", "gradcam_grid",
@@ -487,6 +488,109 @@ def shortcut_markdown(result: dict) -> str:
         lines.append(f"| {name} | {row['n']} | {row['mean_p_covid']:.3f} | {_pct(row['accuracy'])} | "
                      f"{row['mean_p_covid_reencoded']:.3f} | {_pct(row['accuracy_reencoded'])} |")
     lines.append("")
+    return "\n".join(lines)
+
+
+
+# ------------------------------------------------------------------ Grad-CAM of a cross-validation
+def _fold_checkpoints(run: Path, repeat: int, fold: int) -> list[Path]:
+    """The CNN checkpoints of one fold of a covidct cv run, r<R>-fold<F>[-...]/best.npz (texture models
+    keep only their held-out predictions, so they have none), whole-slice members first: the first
+    member's view is the frame the ensemble's heatmaps are drawn in (lung-crop members pasted into it)."""
+    from .checkpoint import load_checkpoint
+
+    name = f"r{repeat}-fold{fold}"
+    checkpoints = sorted(folder / "best.npz" for folder in run.iterdir()
+                         if (folder.name == name or folder.name.startswith(name + "-")) and (folder / "best.npz").is_file())
+    return sorted(checkpoints, key=lambda path: load_checkpoint(path)[1]["preprocess"].get("lungs", "none") != "none")
+
+
+def cv_gradcam(run_dir, cam_target: str = "predicted", device: str = "cpu", log=print) -> dict:
+    """Grad-CAM mass inside the lung mask on every held-out slice of a finished ``covidct cv`` run.
+
+    Each fold's CNNs are joined as one ensemble (with the run's mirror-image TTA) and explain the
+    slices that fold held out, for the class the recipe predicts for them out of fold (oof.csv at
+    cv.json's threshold; cam_target "covid": the COVID logit). The share is measured as in
+    shortcut_check (a): the heat's mass inside covidct.lungs' mask in the model input's frame, lung-crop
+    members pasted into their boxes, slices without a plausible mask left out. Each slice is explained
+    by models that never trained on it, which a checkpoint's validation split cannot promise.
+    Writes RUN/gradcam.json and RUN/gradcam.md; returns the dict."""
+    import pandas as pd
+
+    from .checkpoint import load_checkpoint
+    from .ensemble import save_ensemble
+    from .preprocess import Preprocess, input_lung_mask, load_image, read_gray
+
+    if cam_target not in ("predicted", "covid"):
+        raise CovidCTError(f"cam_target must be 'predicted' or 'covid', got {cam_target!r}")
+    run = Path(run_dir)
+    try:
+        saved = json.loads((run / "cv.json").read_text())
+        oof = pd.read_csv(run / "oof.csv")
+        threshold, folds, repeats, tta = saved["threshold"], int(saved["folds"]), int(saved["repeats"]), saved["tta"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CovidCTError(f"{run}: not a finished covidct cv run (expected its cv.json and oof.csv)") from None
+    rows = []
+    for repeat in range(repeats):
+        for fold in range(folds):
+            held_out = oof[oof[f"fold_r{repeat}"] == fold]
+            checkpoints = _fold_checkpoints(run, repeat, fold)
+            if not checkpoints:
+                raise CovidCTError(f"{run}: no fold models r{repeat}-fold{fold}*/best.npz (a texture-only recipe "
+                                   f"has no Grad-CAM)")
+            with tempfile.TemporaryDirectory(prefix="covidct-cv-gradcam-") as tmp:
+                model, meta = load_checkpoint(save_ensemble(Path(tmp) / "fold.npz", checkpoints, threshold, tta=tta),
+                                              device)
+            preprocess = Preprocess.from_dict(meta["preprocess"])
+            paths, labels = list(held_out["file"]), held_out["label"].to_numpy(np.int64)
+            predicted = np.where(held_out[f"p_covid_r{repeat}"].to_numpy() >= threshold, COVID, 1 - COVID)
+            targets = predicted if cam_target == "predicted" else np.full(len(paths), COVID)
+            images = np.stack([load_image(path, preprocess) for path in paths])
+            heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets,
+                               boxes=frame_boxes_of(model, preprocess, map(read_gray, paths)))
+            for path, label, heatmap in zip(paths, labels, heatmaps):
+                mask = input_lung_mask(read_gray(path), preprocess)
+                inside = np.nan if mask is None else mass_inside(heatmap, mask)    # nan: no mask, or no heat
+                rows.append({"repeat": repeat, "fold": fold, "label": int(label), "file": path, "inside": inside,
+                             "area": float(mask.mean()) if np.isfinite(inside) else np.nan,
+                             "no_mask": mask is None})
+            share = _nanmean([row["inside"] for row in rows[-len(paths):]])
+            log(f"repeat {repeat + 1}/{repeats} fold {fold + 1}/{folds}: {len(checkpoints)} CNNs, {len(paths)} "
+                f"held-out slices, heat inside the lungs {_pct(share)}")
+    table = pd.DataFrame(rows)
+
+    def summary(part):                 # used: slices with a plausible mask and some heat
+        return {"n": int(len(part)), "n_used": int(part["inside"].notna().sum()),
+                "masks_failed": int(part["no_mask"].sum()), "mass_inside_lungs": _nanmean(part["inside"]),
+                "lung_mask_area": _nanmean(part["area"])}
+
+    result = {"run": str(run), "target": cam_target, "threshold": float(threshold), "tta": bool(tta),
+              "folds": [dict(repeat=int(r), fold=int(f), **summary(part)) for (r, f), part in table.groupby(["repeat", "fold"])],
+              "pooled": summary(table), CLASS_NAMES[COVID]: summary(table[table["label"] == COVID]),
+              CLASS_NAMES[1 - COVID]: summary(table[table["label"] != COVID])}
+    result["mean_over_folds"] = _nanmean([row["mass_inside_lungs"] for row in result["folds"]
+                                          if row["mass_inside_lungs"] is not None])
+    (run / "gradcam.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run / "gradcam.md").write_text(cv_gradcam_markdown(result))
+    return result
+
+
+def cv_gradcam_markdown(result: dict) -> str:
+    """The table of ``cv_gradcam``: one row per fold, then the pooled slices and each class."""
+    lines = [f"# Grad-CAM in the lungs: held-out slices of {result['run']}", "",
+             f"Each fold's CNNs explain the slices it held out (target: {result['target']} class, threshold "
+             f"{result['threshold']:.3g}, mirror-image TTA {'on' if result['tta'] else 'off'}).", "",
+             "| held-out slices | slices | used | heat inside the lungs | the lungs' area (an even spread) |",
+             "|---|---|---|---|---|"]
+    rows = [(f"repeat {row['repeat'] + 1} fold {row['fold'] + 1}", row) for row in result["folds"]]
+    rows += [("all, pooled", result["pooled"]), (CLASS_NAMES[COVID], result[CLASS_NAMES[COVID]]),
+             (CLASS_NAMES[1 - COVID], result[CLASS_NAMES[1 - COVID]])]
+    lines += [f"| {name} | {row['n']} | {row['n_used']} | {_pct(row['mass_inside_lungs'])} | "
+              f"{_pct(row['lung_mask_area'])} |" for name, row in rows]
+    pooled = result["pooled"]
+    lines += ["", f"Mean over folds: {_pct(result['mean_over_folds'])}. Used: slices with a plausible lung mask "
+              f"({pooled['n'] - pooled['masks_failed']} of {pooled['n']}) and a heatmap that is not all zero. A share "
+              "well above the lungs' area means the evidence lies in the lungs.", ""]
     return "\n".join(lines)
 
 

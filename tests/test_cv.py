@@ -108,6 +108,46 @@ def test_the_fold_ensemble_combines_its_members(cv_run):
         ensemble.backward(np.zeros((5, 2), np.float32))
 
 
+def test_cv_gradcam_explains_each_held_out_slice_with_its_folds_models(tmp_path, capsys):
+    import pandas as pd
+
+    from covidct import COVID
+    from covidct.cli import main
+    from covidct.ensemble import save_ensemble
+    from covidct.gradcam import frame_boxes_of, gradcam, mass_inside
+    from covidct.preprocess import Preprocess, input_lung_mask, load_image, read_gray
+    data = write_dataset(tmp_path / "data", n=24, seed=3, size=64)        # 64 px: the masks are found
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="tiny", epochs=2, batch_size=8,
+                         cache_dir=str(tmp_path / "cache"), progress=False, lungs="crop,none")
+    result = cross_validate(config, folds=2, log=lambda line: None)
+    run = tmp_path / "run"
+    assert main(["viz", "cv-gradcam", str(run)]) == 0
+    assert "| repeat 1 fold 2 |" in capsys.readouterr().out
+    saved = json.loads((run / "gradcam.json").read_text())
+    oof = pd.read_csv(run / "oof.csv")
+    assert [row["n"] for row in saved["folds"]] == [int((oof["fold_r0"] == fold).sum()) for fold in range(2)]
+    assert saved["pooled"]["n"] == len(oof) and 0 < saved["pooled"]["mass_inside_lungs"] < 1
+    # fold 1 by hand: its two models (the whole slice's frame first, the crop's heat pasted into it) on
+    # each held-out slice and its mirror image, for the class the recipe predicts out of fold
+    held_out = oof[oof["fold_r0"] == 0]
+    fold_models = [run / f"r0-fold0-{view}" / "best.npz" for view in ("none", "crop")]
+    model, meta = load_checkpoint(save_ensemble(tmp_path / "fold0.npz", fold_models, result["threshold"], tta=True))
+    preprocess = Preprocess.from_dict(meta["preprocess"])
+    x = np.stack([load_image(path, preprocess) for path in held_out["file"]])    # ensembles take [0, 1] images
+    targets = np.where(held_out["p_covid_r0"] >= result["threshold"], COVID, 1 - COVID)
+    heat = gradcam(model, x, targets, boxes=frame_boxes_of(model, preprocess, map(read_gray, held_out["file"])))
+    whole_slice = Preprocess(size=preprocess.size, lungs="none")
+    masks = [input_lung_mask(read_gray(path), whole_slice) for path in held_out["file"]]
+    shares = [mass_inside(h, mask) if mask is not None else np.nan for h, mask in zip(heat, masks)]
+    used = np.isfinite(shares)
+    assert saved["folds"][0]["n_used"] == used.sum() > len(held_out) // 2
+    assert saved["folds"][0]["mass_inside_lungs"] == pytest.approx(np.nanmean(shares), abs=1e-5)
+    areas = [mask.mean() for mask, ok in zip(masks, used) if ok]
+    assert saved["folds"][0]["lung_mask_area"] == pytest.approx(np.mean(areas))
+    assert main(["viz", "cv-gradcam", str(run / "r0-fold0-none")]) == 2
+    error = capsys.readouterr().err
+    assert "not a finished covidct cv run" in error and len(error.strip().splitlines()) == 1
+
 def test_tta_scores_join_each_slice_and_its_mirror_image(cv_run):
     """What a fold model scores with config.tta (held-out predictions, the fold ensemble)."""
     from pathlib import Path
