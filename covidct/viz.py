@@ -35,7 +35,7 @@ from .gradcam import DISTANCE_BANDS, feature_maps, frame_boxes_of, gradcam, mass
 
 __all__ = ["HAND_KERNELS", "hand_kernel_conv", "apply_hand_kernels", "plot_filters", "plot_feature_maps",
            "plot_hand_kernels", "plot_gradcam_grid", "plot_gradcam_overlay", "select_examples", "gradcam_grid",
-           "reencode", "shortcut_check"]
+           "reencode", "shortcut_check", "cv_gradcam"]
 
 DPI = 100
 
@@ -491,7 +491,6 @@ def shortcut_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-
 # ------------------------------------------------------------------ Grad-CAM of a cross-validation
 def _fold_checkpoints(run: Path, repeat: int, fold: int) -> list[Path]:
     """The CNN checkpoints of one fold of a covidct cv run, r<R>-fold<F>[-...]/best.npz (texture models
@@ -527,7 +526,8 @@ def cv_gradcam(run_dir, cam_target: str = "predicted", device: str = "cpu", log=
     try:
         saved = json.loads((run / "cv.json").read_text())
         oof = pd.read_csv(run / "oof.csv")
-        threshold, folds, repeats, tta = saved["threshold"], int(saved["folds"]), int(saved["repeats"]), saved["tta"]
+        threshold, folds, repeats = saved["threshold"], int(saved["folds"]), int(saved["repeats"])
+        tta = bool(saved.get("tta", False))                # runs from before TTA: none
     except (OSError, ValueError, KeyError, TypeError):
         raise CovidCTError(f"{run}: not a finished covidct cv run (expected its cv.json and oof.csv)") from None
     rows = []
