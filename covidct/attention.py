@@ -29,7 +29,7 @@ with the mirror image's beside it: with the default flips an image's masks are f
 
 ``--lung-attention`` (TrainConfig.lung_attention) sets the strength: one number for every CNN of the
 recipe, or one per model as ``PRESET[:VIEW]=S`` entries in --model's syntax (the default,
-"default:none-window=0.3,deep-small:none-equalize=1": the two whole-slice CNNs; a CNN without an entry
+"default:none-window=0.3,deep-small:none-equalize=3": the two whole-slice CNNs; a CNN without an entry
 gets 0, none). Only training changes: the checkpoint's model and inference are as without it.
 Sequential models only (the default, wide, deep, deep-small and tiny presets).
 """

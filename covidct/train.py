@@ -119,7 +119,7 @@ class TrainConfig:
                                  metavar="N")
     backbone_lr_scale: float = option(1.0, "the backbone learns at lr * S (e.g. 0.1 for gentle fine-tuning)",
                                       metavar="S")
-    lung_attention: str = option("default:none-window=0.3,deep-small:none-equalize=1",
+    lung_attention: str = option("default:none-window=0.3,deep-small:none-equalize=3",
                                  "train CNNs to keep their last feature map inside the lungs: a penalty of this "
                                  "strength on its share of activation outside the lung mask (covidct/attention.py); "
                                  "one number for every CNN, or PRESET[:VIEW]=S entries (the default, chosen by "

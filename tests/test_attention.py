@@ -89,7 +89,7 @@ def test_training_with_the_penalty_moves_activation_into_the_lungs(tmp_path):
 
 def test_strengths_per_model_of_the_recipe():
     members = {suffix: member.attention_strength for _, member, suffix, _ in ensemble_members(TrainConfig())}
-    assert members == {"-none-window-default": 0.3, "-crop-default": 0.0, "-none-equalize-deep-small": 1.0}
+    assert members == {"-none-window-default": 0.3, "-crop-default": 0.0, "-none-equalize-deep-small": 3.0}
     config = TrainConfig(model="default,deep-small", lungs="none,crop", lung_attention="default=2,deep-small:crop=0.5")
     config.validate()
     assert [(model, view, strength_for(config.lung_attention, model, view)) for model, view in config.cnn_views] == [
