@@ -107,11 +107,10 @@ def test_a_narrow_resnet10_has_every_channel_count_scaled_and_correct_gradients(
     assert state["layer4.0.downsample.0.weight"].shape == (16, 8, 1, 1) and "layer1.1.conv1.weight" not in state
     model.conv1.needs_input_grad = True
     # 24 px: 12 after conv1, 6 after the max-pool, then 3, 2 and 1 (odd maps exercise the padding); batch 4:
-    # in training, layer4's BatchNorm averages 4 values of a 1x1 map. The input's gradient is conv1's
-    # backward in both modes, so it is checked once (in eval mode): each input pixel costs two forwards.
-    for train in (True, False):
-        errors = check_module(model.train(train), rng.standard_normal((4, 1, 24, 24)), check_input=not train)
-        assert len(errors) == (not train) + len(list(model.parameters())) and max(errors.values()) <= RTOL
+    # layer4's BatchNorm averages 4 values of a 1x1 map. Checked in training mode only: the wiring (stem,
+    # blocks, pooling, fc) is the same in both modes, and BasicBlock and BatchNorm2d are checked in both.
+    errors = check_module(model.train(), rng.standard_normal((4, 1, 24, 24)))
+    assert len(errors) == 1 + len(list(model.parameters())) and max(errors.values()) <= RTOL
 
 
 def test_helpers_features_replace_fc_and_parameter_groups():
