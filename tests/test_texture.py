@@ -186,6 +186,23 @@ def test_texture_features_on_several_gray_scales():
                                                                          "texture-none"]
 
 
+def test_texture_inputs_in_worker_processes_are_the_serial_numbers(texture_run):
+    """evaluate / predict compute an ensemble's texture features in one worker per core: each worker
+    takes a run of neighbouring slices, and the rows come back in order, bit for bit the serial ones."""
+    from covidct.checkpoint import load_checkpoint
+    from covidct.preprocess import read_gray
+    from covidct.texture import gray_texture_features, texture_features, texture_inputs
+
+    data, run = texture_run
+    model, _ = load_checkpoint(run / "ensemble.npz")
+    paths = sorted(data.rglob("*.png"))[:7]                      # 7 = 3 + 4: uneven runs
+    serial = np.stack([gray_texture_features(read_gray(path), ("window", "equalize")) for path in paths])
+    for jobs in (1, 2, 3):
+        np.testing.assert_array_equal(texture_inputs(model, paths, jobs=jobs), serial)
+    np.testing.assert_array_equal(texture_inputs(model, grays=[read_gray(path) for path in paths], jobs=2), serial)
+    assert texture_features([], ("window",), jobs=2).shape == (0, N_FEATURES)
+
+
 def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
     from covidct.checkpoint import load_checkpoint
     from covidct.cv import model_names
