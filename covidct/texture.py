@@ -148,28 +148,28 @@ def slice_texture_features(path, intensities=("window",)) -> np.ndarray:
 
 def texture_features(paths, intensities=("window",), jobs: int = 1) -> np.ndarray:
     """(N, N_FEATURES x T) float64: slice_texture_features of every file (about 0.13 s a slice for one
-    gray scale, 0.16 s for two, on one core of the 2-core machine). jobs > 1: the files are split into that many runs of
-    neighbours, each read in a worker process (at least 2 files each). A slice's features depend on it
-    alone, computed with BLAS on one thread everywhere, so the numbers are the serial ones bit for bit."""
-    paths = list(paths)
-    if not paths:
+    gray scale, 0.16 s for two, on one core of the 2-core machine). jobs > 1: the files are split into
+    that many runs of neighbours, each read in a worker process (at least 2 files each). A slice's
+    features depend on it alone, computed with BLAS on one thread everywhere, so the numbers are the
+    serial ones bit for bit."""
+    return _in_workers(slice_texture_features, list(paths), intensities, jobs)
+
+
+def _in_workers(features_of, items: list, intensities, jobs: int) -> np.ndarray:
+    """(N, N_FEATURES x T): features_of(item, intensities) of every item, in order, computed in runs of
+    neighbours by min(jobs, N // 2) worker processes (in this process when that is 1)."""
+    if not items:
         return np.zeros((0, N_FEATURES * len(intensities)))
-    return np.concatenate(_in_workers(slice_texture_features, paths, intensities, jobs))
-
-
-def _in_workers(features_of, items, intensities, jobs: int) -> list:
-    """[(n_i, N_FEATURES x T)]: features_of(item, intensities) of every item, stacked per run of
-    neighbours, the runs spread over min(jobs, len(items) // 2) worker processes (here when that is 1)."""
     jobs = min(int(jobs), len(items) // 2)
     if jobs <= 1:
-        return [_stacked(features_of, items, intensities)]
+        return _stacked(features_of, items, intensities)
     from concurrent.futures import ProcessPoolExecutor
 
     from .workers import limit_threads, worker_threads
 
     runs = [items[start:stop] for start, stop in zip(*_run_bounds(len(items), jobs))]
     with ProcessPoolExecutor(max_workers=jobs, initializer=limit_threads, initargs=(worker_threads(jobs),)) as pool:
-        return list(pool.map(_stacked, [features_of] * jobs, runs, [intensities] * jobs))
+        return np.concatenate(list(pool.map(_stacked, [features_of] * jobs, runs, [intensities] * jobs)))
 
 
 def _run_bounds(n: int, runs: int):
@@ -256,7 +256,7 @@ def texture_inputs(model, paths=None, grays=None, jobs: int | None = None):
     intensities = [texture.intensity for texture in model.textures]
     jobs = jobs or _cores()
     if grays is not None:
-        return np.concatenate(_in_workers(gray_texture_features, list(grays), intensities, jobs))
+        return _in_workers(gray_texture_features, list(grays), intensities, jobs)
     return texture_features(paths, intensities, jobs)
 
 

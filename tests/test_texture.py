@@ -201,6 +201,7 @@ def test_texture_inputs_in_worker_processes_are_the_serial_numbers(texture_run):
         np.testing.assert_array_equal(texture_inputs(model, paths, jobs=jobs), serial)
     np.testing.assert_array_equal(texture_inputs(model, grays=[read_gray(path) for path in paths], jobs=2), serial)
     assert texture_features([], ("window",), jobs=2).shape == (0, N_FEATURES)
+    assert texture_inputs(model, grays=[], jobs=2).shape == (0, 2 * N_FEATURES)
 
 
 def test_cv_fits_the_texture_model_per_fold_and_joins_it(tmp_path):
