@@ -250,21 +250,15 @@ def texture_inputs(model, paths=None, grays=None, jobs: int | None = None):
     members (covidct.ensemble.reads_texture), else None (no time spent). Computed by ``jobs`` worker
     processes (default: one per core; evaluate, predict and serve spend most of their time here)."""
     from .ensemble import reads_texture
+    from .workers import available_cores
 
     if not reads_texture(model):
         return None
     intensities = [texture.intensity for texture in model.textures]
-    jobs = jobs or _cores()
+    jobs = jobs or available_cores()
     if grays is not None:
         return _in_workers(gray_texture_features, list(grays), intensities, jobs)
     return texture_features(paths, intensities, jobs)
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def fit_texture(features, labels, groups, seed: int = 0, intensity: str = "window") -> "TextureMember":
