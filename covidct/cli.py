@@ -475,10 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="class whose Grad-CAM is measured (default: each image's predicted class)")
     shortcut.add_argument("--cache-dir", default=None)
     cv_cam = action("cv-gradcam", "Grad-CAM mass in the lungs on a cross-validation's held-out slices, each "
-                     "explained by its fold's models")
+                    "explained by its fold's models")
     cv_cam.add_argument("run", metavar="RUN_DIR", help="a finished covidct cv run folder")
     cv_cam.add_argument("--target", default="predicted", choices=["predicted", "covid"],
-                         help="class whose Grad-CAM is measured (default: the class the recipe predicts out of fold)")
+                        help="class whose Grad-CAM is measured (default: the class the recipe predicts out of fold)")
     return parser
 
 

@@ -167,15 +167,10 @@ def _in_workers(features_of, items: list, intensities, jobs: int) -> np.ndarray:
 
     from .workers import limit_threads, worker_threads
 
-    runs = [items[start:stop] for start, stop in zip(*_run_bounds(len(items), jobs))]
+    n = len(items)
+    runs = [items[n * index // jobs:n * (index + 1) // jobs] for index in range(jobs)]     # as even as can be
     with ProcessPoolExecutor(max_workers=jobs, initializer=limit_threads, initargs=(worker_threads(jobs),)) as pool:
         return np.concatenate(list(pool.map(_stacked, [features_of] * jobs, runs, [intensities] * jobs)))
-
-
-def _run_bounds(n: int, runs: int):
-    """Starts and stops of ``runs`` consecutive runs of n items, as even as can be."""
-    bounds = [n * index // runs for index in range(runs + 1)]
-    return bounds[:-1], bounds[1:]
 
 
 def _stacked(features_of, items, intensities) -> np.ndarray:
@@ -249,8 +244,9 @@ def texture_inputs(model, paths=None, grays=None, jobs: int | None = None):
     whole gray slices), each texture member's gray scale in turn, when it is an ensemble with T texture
     members (covidct.ensemble.reads_texture), else None (no time spent). Computed by ``jobs`` worker
     processes (default: one per core; evaluate, predict and serve spend most of their time here)."""
+    from minicnn.fast import available_cores
+
     from .ensemble import reads_texture
-    from .workers import available_cores
 
     if not reads_texture(model):
         return None

@@ -1,7 +1,6 @@
 """Several models trained at once, in worker processes (``covidct cv --jobs``, ``covidct train --jobs``).
 
     check_jobs(jobs, device)                 CovidCTError unless jobs >= 1, and 1 on the GPU
-    available_cores()                     -> the cores this process may run on
     worker_threads(jobs)                  -> threads each of ``jobs`` workers may use
     limit_threads(threads)                   (in a worker) cap NumPy's BLAS and minicnn at that many
     training_cost(config, n_images)       -> multiply-adds to train one model: start the slowest first
@@ -16,8 +15,6 @@ training the last big model alone while the others sit idle.
 """
 from __future__ import annotations
 
-import os
-
 from .errors import CovidCTError
 
 
@@ -31,14 +28,11 @@ def check_jobs(jobs: int, device: str = "cpu") -> None:
                            f"use --jobs 1")
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def worker_threads(jobs: int) -> int:
     """Threads per worker (minicnn's pool, and BLAS outside training) when ``jobs`` workers share this
     machine's cores (at least 1)."""
+    from minicnn.fast import available_cores
+
     return max(1, available_cores() // jobs)
 
 

@@ -113,6 +113,11 @@ def num_threads() -> int:
     blas = _blas_threads()
     if blas:
         return blas
+    return available_cores()
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity where the system tells it)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
