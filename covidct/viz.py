@@ -355,9 +355,10 @@ def shortcut_check(checkpoint, data_root, split: str = "val", out_dir="shortcut"
 
     # (a) Grad-CAM mass inside the lung mask.
     targets = predicted if cam_target == "predicted" else np.full(len(labels), COVID)
+    grays = [read_gray(path) for path in paths]                  # each whole slice, read once
     heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets,
-                       boxes=frame_boxes_of(model, preprocess, map(read_gray, paths)))
-    found = [input_lung_mask(read_gray(path), preprocess) for path in paths]
+                       boxes=frame_boxes_of(model, preprocess, grays))
+    found = [input_lung_mask(gray, preprocess) for gray in grays]
     usable = np.array([mask is not None for mask in found])   # implausible masks are left out
     masks = np.stack([mask if mask is not None else np.zeros(images.shape[2:], bool) for mask in found])
     area = masks.mean(axis=(1, 2))
