@@ -234,9 +234,17 @@ def bootstrap_ci(labels, scores, metric_fn, n_boot=1000, seed=0, alpha=0.05,
     and non-COVID cases are resampled separately, so every resample keeps
     the original class counts. Resamples where the metric is nan are
     skipped; if all are nan the result is ``(nan, nan)``.
+    ``scores`` is (N,), or (R, N) when every case has R scores (R fold draws
+    of a cross-validation): a resampled case brings all R of them, and the
+    metric sees the R x N pairs (labels repeated R times).
     Example: ``bootstrap_ci(y, p, roc_auc)``.
     """
-    labels, scores = _check_pair(labels, scores)
+    labels = _check_labels(labels)
+    draws = np.asarray(scores)
+    draws = draws if draws.ndim == 2 else draws.reshape(1, -1)              # (R, N)
+    if draws.shape[1] != labels.size:
+        raise CovidCTError(f"labels and scores differ in length: {labels.size} vs {draws.shape[1]}")
+    draws = _check_pair(np.tile(labels, len(draws)), draws)[1].reshape(draws.shape)
     if int(n_boot) < 1:
         raise CovidCTError(f"n_boot must be at least 1, got {n_boot}")
     if not 0.0 < alpha < 1.0:
@@ -248,7 +256,7 @@ def bootstrap_ci(labels, scores, metric_fn, n_boot=1000, seed=0, alpha=0.05,
     for _ in range(int(n_boot)):
         idx = np.concatenate([rng.choice(g, size=g.size, replace=True)
                               for g in groups if g.size > 0])
-        value = float(metric_fn(labels[idx], scores[idx]))
+        value = float(metric_fn(np.tile(labels[idx], len(draws)), draws[:, idx].ravel()))
         if not math.isnan(value):
             values.append(value)
     if not values:

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from covidct.cli import run_reporting_errors  # noqa: E402
-from covidct.cv import (choose_oof_threshold, fit_fold_textures, fold_columns_of, format_cv_table,  # noqa: E402
+from covidct.cv import (fit_fold_textures, fold_columns_of, format_cv_table,  # noqa: E402
                         join_runs, model_names, probability_column, read_oof, summarize)
 from covidct.errors import CovidCTError  # noqa: E402
 
@@ -63,9 +63,7 @@ def run(args) -> int:
     table.to_csv(out / "oof.csv", index=False)
     l2 = {f"r{repeat}-fold{fold}": texture.l2 for (repeat, fold), [(texture, _)] in fitted.items()}
     (out / "texture.json").write_text(json.dumps({"run": str(run_dir), "l2_per_fold": l2}, indent=2) + "\n")
-    scores = table["p_covid"].to_numpy()
-    threshold, rule = choose_oof_threshold(labels, scores, None)
-    alone = summarize(labels, scores, oof, frame[fold_columns].to_numpy().T, threshold, rule)
+    alone = summarize(labels, oof, frame[fold_columns].to_numpy().T)
     low, high = alone["pooled_auc_ci95"]
     print(f"wrote {out / 'oof.csv'}; the texture model alone: pooled OOF AUC {alone['pooled']['auc']:.3f} "
           f"(95 % CI {low:.3f}-{high:.3f}), per fold {alone['per_fold']['auc']['mean']:.3f} +/- "

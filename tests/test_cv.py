@@ -83,6 +83,38 @@ def test_cv_writes_out_of_fold_predictions_for_train_and_val_only(cv_run):
     assert fold_log.count("\n") == 3                       # header + 2 epochs: fixed epochs, last kept
 
 
+def test_repeats_pool_every_draws_predictions_not_their_mean(cv_run):
+    """--repeats R measures the recipe R times: the threshold and the pooled metrics take all R x N
+    out-of-fold predictions, and each draw's pooled AUC is listed; the mean of a slice's R predictions
+    (an ensemble of R draws) is not what is scored."""
+    import pandas as pd
+
+    from covidct.cv import choose_oof_threshold, summarize
+    from covidct.metrics import classification_metrics, roc_auc
+    config, result, _ = cv_run
+    from pathlib import Path
+    run = Path(config.out)
+    oof = pd.read_csv(run / "oof.csv")
+    labels, draws = oof["label"].to_numpy(), oof[["p_covid_r0", "p_covid_r1"]].to_numpy().T
+    stacked_labels, stacked = np.tile(labels, 2), draws.ravel()
+    assert result["threshold"] == pytest.approx(choose_oof_threshold(stacked_labels, stacked, None)[0])
+    assert result["pooled"]["auc"] == pytest.approx(roc_auc(stacked_labels, stacked))
+    at_threshold = classification_metrics(stacked_labels, stacked, result["threshold"])
+    assert result["pooled"]["tp"] + result["pooled"]["fn"] == 2 * labels.sum() == at_threshold["tp"] + at_threshold["fn"]
+    assert result["pooled_auc_per_repeat"] == pytest.approx([roc_auc(labels, d) for d in draws])
+    assert "of each of the 2 fold draws" in (run / "cv.md").read_text()
+    # two draws whose errors differ: their mean ranks better than either, and is not reported
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    noisy = np.stack([1 / (1 + np.exp(-(labels + rng.normal(0, 1, 200)))) for _ in range(2)])
+    folds = np.tile(np.arange(200) % 5, (2, 1))
+    summary = summarize(labels, noisy, folds)
+    assert roc_auc(labels, noisy.mean(axis=0)) > max(summary["pooled_auc_per_repeat"]) + 0.01
+    assert summary["pooled"]["auc"] == pytest.approx(roc_auc(np.tile(labels, 2), noisy.ravel()))
+    assert summary["pooled"]["auc"] < roc_auc(labels, noisy.mean(axis=0)) - 0.01
+    assert "pooled_auc_per_repeat" not in summarize(labels, noisy[:1], folds[:1])
+
+
 def test_the_fold_ensemble_combines_its_members(cv_run):
     config, result, _ = cv_run
     from pathlib import Path

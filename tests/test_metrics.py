@@ -273,6 +273,23 @@ def test_bootstrap_ci_unstratified_and_nan_skipping():
     assert 0.0 <= low <= high <= 1.0
 
 
+def test_bootstrap_ci_of_several_scores_per_case_resamples_cases():
+    """(R, N) scores: a resampled case brings its R scores; one row is the (N,) case, and R equal rows
+    give its interval (the same pairs, R^2 times over); a row of the wrong length is refused."""
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 120)
+    scores = labels * 0.5 + rng.random(120)
+    alone = bootstrap_ci(labels, scores, roc_auc, n_boot=200, seed=2)
+    assert bootstrap_ci(labels, scores[None], roc_auc, n_boot=200, seed=2) == alone
+    assert bootstrap_ci(labels, np.stack([scores, scores]), roc_auc, n_boot=200, seed=2) == pytest.approx(alone)
+    other = labels * 0.5 + rng.random(120)
+    low, high = bootstrap_ci(labels, np.stack([scores, other]), roc_auc, n_boot=200, seed=2)
+    pooled = roc_auc(np.tile(labels, 2), np.concatenate([scores, other]))
+    assert low <= pooled <= high and (low, high) != alone
+    with pytest.raises(CovidCTError, match="differ in length: 120 vs 119"):
+        bootstrap_ci(labels, np.stack([scores, other])[:, :119], roc_auc)
+
+
 def test_bootstrap_ci_bad_alpha():
     with pytest.raises(CovidCTError):
         bootstrap_ci([0, 1], [0.1, 0.9], roc_auc, alpha=1.5)
