@@ -49,8 +49,9 @@ def add_cv_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, TrainConfig, resume_help="continue a stopped cross-validation in RUN_DIR with its "
                       "saved options (finished folds are kept, a stopped fold continues from its last.npz)")
     parser.add_argument("--folds", type=int, default=None, help="number of folds (grouped by source; default 5)")
-    parser.add_argument("--repeats", type=int, default=None, help="draw the folds this many times (seeds; default 1); the metrics pool "
-                        "every draw's out-of-fold predictions")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="draw the folds this many times (seeds; default 1); the metrics pool every draw's "
+                             "out-of-fold predictions")
     parser.add_argument("--jobs", type=int, default=1, help="fold models trained at once, in worker processes")
 
 

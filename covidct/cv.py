@@ -16,10 +16,10 @@ The protocol of one run: every fold trains on the other k-1 folds (+ any
 ``--extra-data``, training only) for a fixed number of epochs and keeps the LAST
 epoch (the held-out fold never picks an epoch or a threshold); its predictions on
 the held-out fold are out-of-fold (OOF) predictions. With --repeats R the folds are
-drawn R times (different seeds) and the metrics pool all R x N predictions (``summarize``:
-R measurements of the recipe, not the mean of a slice's R predictions, which would score
-an ensemble of R fold draws). With config.tta (the default; --no-tta) each model scores the slice and its
-mirror image, joined like ensemble members. With --members M,
+drawn R times (different seeds) and the metrics pool all R x N predictions
+(``summarize``: R measurements of the recipe, not the mean of a slice's R predictions,
+which would score an ensemble of R fold draws). With config.tta (the default;
+--no-tta) each model scores the slice and its mirror image, joined like ensemble members. With --members M,
 several --lungs views V or several --model presets P (recipe options, as in covidct train;
 the default: three CNNs and two texture models, covidct.train.ensemble_members) every fold trains M x V x P models
 (seeds: weights, order, augmentation; views: whole slice, lung crop; presets: default,
@@ -305,9 +305,8 @@ def cross_validate(config, folds: int = 5, repeats: int = 1, jobs: int = 1, resu
     result = summarize(labels, oof, fold_table, target)
     result.update(config=asdict(config), folds=folds, repeats=repeats, tta=tta, members=members,
                   n_sources=len(set(groups)), seconds=time.perf_counter() - started)
-    threshold = result["threshold"]
     write_oof(out / "oof.csv", paths, labels, groups, fold_table, oof)
-    save_ensemble(out / "ensemble.npz", fold_models, threshold=threshold, tta=tta, textures=fold_textures,
+    save_ensemble(out / "ensemble.npz", fold_models, threshold=result["threshold"], tta=tta, textures=fold_textures,
                   info={"cv": {k: result[k] for k in ("pooled", "per_fold", "threshold", "threshold_rule")}})
     (out / "cv.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     (out / "cv.md").write_text(format_cv_table(result) + "\n")
