@@ -547,10 +547,11 @@ def cv_gradcam(run_dir, cam_target: str = "predicted", device: str = "cpu", log=
             predicted = np.where(held_out[f"p_covid_r{repeat}"].to_numpy() >= threshold, COVID, 1 - COVID)
             targets = predicted if cam_target == "predicted" else np.full(len(paths), COVID)
             images = np.stack([load_image(path, preprocess) for path in paths])
+            grays = [read_gray(path) for path in paths]              # each whole slice, read once
             heatmaps = gradcam(model, _normalized(images, meta, device), target_class=targets,
-                               boxes=frame_boxes_of(model, preprocess, map(read_gray, paths)))
-            for path, label, heatmap in zip(paths, labels, heatmaps):
-                mask = input_lung_mask(read_gray(path), preprocess)
+                               boxes=frame_boxes_of(model, preprocess, grays))
+            for path, gray, label, heatmap in zip(paths, grays, labels, heatmaps):
+                mask = input_lung_mask(gray, preprocess)
                 inside = np.nan if mask is None else mass_inside(heatmap, mask)    # nan: no mask, or no heat
                 rows.append({"repeat": repeat, "fold": fold, "label": int(label), "file": path, "inside": inside,
                              "area": float(mask.mean()) if np.isfinite(inside) else np.nan,
