@@ -370,7 +370,7 @@ def summarize(labels, oof, fold_table, target_sensitivity: float | None = None) 
     pooled = classification_metrics(stacked_labels, stacked, threshold)
     low, high = bootstrap_ci(labels, oof, roc_auc, n_boot=1000, seed=0)
     per_fold = {name: [] for name in ("auc", "accuracy", "sensitivity", "specificity")}
-    for repeat in range(len(oof)):
+    for repeat in range(draws):
         for fold in np.unique(fold_table[repeat]):
             held = fold_table[repeat] == fold
             metrics = classification_metrics(labels[held], oof[repeat, held], threshold)

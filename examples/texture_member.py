@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from covidct.cli import run_reporting_errors  # noqa: E402
 from covidct.cv import (fit_fold_textures, fold_columns_of, format_cv_table,  # noqa: E402
-                        join_runs, model_names, probability_column, read_oof, summarize)
+                        join_runs, model_names, read_oof, summarize, write_oof)
 from covidct.errors import CovidCTError  # noqa: E402
 
 
@@ -49,21 +49,17 @@ def run(args) -> int:
     if (run_dir / "r0-fold0-texture").is_dir():
         raise CovidCTError(f"{run_dir}: holds the texture model already (r0-fold0-texture/; --model ...,texture); "
                            f"its oof.csv includes it")
-    fold_columns = fold_columns_of(frame)
-    labels = frame["label"].to_numpy(np.int64)
-    fitted = fit_fold_textures(out, list(frame["file"]), labels, frame["source"].astype(str).to_numpy(),
-                               frame[fold_columns].to_numpy(np.int64).T)
-    oof = np.full((len(fold_columns), len(frame)), np.nan)                 # (repeats, N)
+    paths, labels = list(frame["file"]), frame["label"].to_numpy(np.int64)
+    sources = frame["source"].astype(str).to_numpy()
+    fold_table = frame[fold_columns_of(frame)].to_numpy(np.int64).T      # (repeats, N)
+    fitted = fit_fold_textures(out, paths, labels, sources, fold_table)
+    oof = np.full(fold_table.shape, np.nan)                                 # (repeats, N)
     for (repeat, fold), [(_, scores)] in fitted.items():
-        oof[repeat, frame[fold_columns[repeat]].to_numpy() == fold] = scores
-    table = frame[["file", "label", "source"]].assign(p_covid=oof.mean(axis=0))
-    for fold_column, probabilities in zip(fold_columns, oof):
-        table[fold_column] = frame[fold_column]
-        table[probability_column(fold_column)] = probabilities
-    table.to_csv(out / "oof.csv", index=False)
+        oof[repeat, fold_table[repeat] == fold] = scores
+    write_oof(out / "oof.csv", paths, labels, sources, fold_table, oof)
     l2 = {f"r{repeat}-fold{fold}": texture.l2 for (repeat, fold), [(texture, _)] in fitted.items()}
     (out / "texture.json").write_text(json.dumps({"run": str(run_dir), "l2_per_fold": l2}, indent=2) + "\n")
-    alone = summarize(labels, oof, frame[fold_columns].to_numpy().T)
+    alone = summarize(labels, oof, fold_table)
     low, high = alone["pooled_auc_ci95"]
     print(f"wrote {out / 'oof.csv'}; the texture model alone: pooled OOF AUC {alone['pooled']['auc']:.3f} "
           f"(95 % CI {low:.3f}-{high:.3f}), per fold {alone['per_fold']['auc']['mean']:.3f} +/- "
